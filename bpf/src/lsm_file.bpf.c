@@ -1,0 +1,165 @@
+// SPDX-License-Identifier: GPL-2.0 OR Apache-2.0
+/*
+ * File opens: FileOpenReadOnly / FileOpenReadWrite on the path the kernel
+ * resolved (symlinks, relative paths and /proc/self/fd are already gone),
+ * plus the guards that keep a governed agent from renaming or linking a file
+ * out of its policy class, from writing cgroup files and from opening
+ * leash's own files.
+ */
+#include "leash.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+#define FMODE_WRITE 0x2
+#define FMODE_EXEC 0x20
+#define S_IFMT 00170000
+#define S_IFDIR 0040000
+#define CGROUP_SUPER_MAGIC 0x27e0eb
+#define CGROUP2_SUPER_MAGIC 0x63677270
+
+/* Path prefixes no governed agent may open, whatever the policy says. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 64);
+	__type(key, struct path_key);           /* owner unused (0) */
+	__type(value, __u32);
+} leash_protect SEC(".maps");
+
+/*
+ * Files an agent may both read and write where it opened them. Renaming or
+ * linking a file gives it a new path, so it is allowed only for these: an
+ * agent can do with such a file nothing it could not do by copying it.
+ */
+struct leash_mark {
+	__u32 agent;
+	__u32 generation;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_INODE_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct leash_mark);
+} leash_marks SEC(".maps");
+
+static __always_inline int leash_guard(struct leash_decision *d, const struct leash_config *cfg,
+				       __u16 reason, const char *path)
+{
+	d->action = LEASH_ACT_SELF;
+	d->reason = reason;
+	d->denied = 1;
+	d->path = path;
+	return leash_finish(d, cfg);
+}
+
+SEC("lsm/file_open")
+int BPF_PROG(leash_file_open, struct file *file)
+{
+	struct leash_decision d = {};
+	struct leash_config *cfg;
+	struct leash_scratch *s;
+	struct inode *inode;
+	struct path_val *v;
+	__u32 agent, want;
+	int write;
+
+	agent = leash_agent();
+	if (!agent)
+		return 0;
+	/* The binary of an exec is judged by bprm_check_security. */
+	if (file->f_mode & FMODE_EXEC)
+		return 0;
+	cfg = leash_cfg();
+	s = leash_scratch_get();
+	if (!cfg || !s)
+		return -EPERM;
+	inode = file->f_inode;
+	write = !!(file->f_mode & FMODE_WRITE);
+	d.agent = agent;
+	d.generation = cfg->generation;
+	d.is_dir = (inode->i_mode & S_IFMT) == S_IFDIR;
+	d.action = write ? LEASH_ACT_WRITE : LEASH_ACT_READ;
+
+	v = leash_path_lookup(s, &file->f_path, &d);
+	if (write) {
+		__u64 magic = inode->i_sb->s_magic;
+		if (magic == CGROUP_SUPER_MAGIC || magic == CGROUP2_SUPER_MAGIC)
+			return leash_guard(&d, cfg, LEASH_WHY_CGROUP, d.path);
+	}
+	if (d.path) {
+		struct path_key *pk = &s->key;
+		__u32 owner = pk->owner;
+
+		pk->owner = 0;
+		if (bpf_map_lookup_elem(&leash_protect, pk))
+			return leash_guard(&d, cfg, LEASH_WHY_PROTECTED, d.path);
+		pk->owner = owner;
+	}
+	if (!v) {
+		d.denied = 1;
+		return leash_finish(&d, cfg);
+	}
+	d.class_id = v->class_id;
+	if (d.is_dir)
+		want = write ? ALLOW_WRITE_DIR : ALLOW_READ_DIR;
+	else
+		want = write ? ALLOW_WRITE_FILE : ALLOW_READ_FILE;
+	d.denied = !(v->allow & want);
+	if (!d.denied && !d.is_dir &&
+	    (v->allow & (ALLOW_READ_FILE | ALLOW_WRITE_FILE)) == (ALLOW_READ_FILE | ALLOW_WRITE_FILE)) {
+		struct leash_mark *m = bpf_inode_storage_get(&leash_marks, inode, 0,
+							     BPF_LOCAL_STORAGE_GET_F_CREATE);
+		if (m) {
+			m->agent = agent;
+			m->generation = d.generation;
+		}
+	}
+	return leash_finish(&d, cfg);
+}
+
+static __always_inline int leash_marked(struct inode *inode, __u32 agent, __u32 generation)
+{
+	struct leash_mark *m;
+
+	if (!inode)
+		return 1;
+	m = bpf_inode_storage_get(&leash_marks, inode, 0, 0);
+	return m && m->agent == agent && m->generation == generation;
+}
+
+static __always_inline int leash_rename_guard(struct dentry *old, struct dentry *new, __u16 reason)
+{
+	struct leash_decision d = {};
+	struct leash_config *cfg;
+	struct leash_scratch *s;
+	__u32 agent = leash_agent();
+
+	if (!agent)
+		return 0;
+	cfg = leash_cfg();
+	s = leash_scratch_get();
+	if (!cfg || !s)
+		return -EPERM;
+	if (leash_marked(old->d_inode, agent, cfg->generation) &&
+	    leash_marked(new ? new->d_inode : NULL, agent, cfg->generation))
+		return 0;
+	d.agent = agent;
+	d.generation = cfg->generation;
+	/* No struct path here, so the event names the file, not its full path. */
+	bpf_probe_read_kernel_str(s->buf, LEASH_EVENT_PATH, old->d_name.name);
+	return leash_guard(&d, cfg, reason, s->buf);
+}
+
+SEC("lsm/inode_link")
+int BPF_PROG(leash_inode_link, struct dentry *old_dentry, struct inode *dir, struct dentry *new_dentry)
+{
+	return leash_rename_guard(old_dentry, NULL, LEASH_WHY_LINK);
+}
+
+SEC("lsm/inode_rename")
+int BPF_PROG(leash_inode_rename, struct inode *old_dir, struct dentry *old_dentry,
+	     struct inode *new_dir, struct dentry *new_dentry)
+{
+	return leash_rename_guard(old_dentry, new_dentry, LEASH_WHY_RENAME);
+}

@@ -1,0 +1,63 @@
+// SPDX-License-Identifier: GPL-2.0 OR Apache-2.0
+/*
+ * Self-protection, whatever the policy says: a governed agent cannot use
+ * bpf(), nor trace or signal the leash daemon. (Cgroup writes and leash's
+ * own files are guarded in lsm_file.bpf.c.)
+ */
+#include "leash.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+static __always_inline int leash_refuse(__u32 agent, __u16 reason, __u32 target)
+{
+	struct leash_decision d = {};
+	struct leash_config *cfg = leash_cfg();
+
+	if (!cfg)
+		return -EPERM;
+	d.agent = agent;
+	d.generation = cfg->generation;
+	d.action = LEASH_ACT_SELF;
+	d.reason = reason;
+	d.target = target;
+	d.denied = 1;
+	return leash_finish(&d, cfg);
+}
+
+static __always_inline int leash_is_daemon(struct task_struct *p)
+{
+	struct leash_config *cfg = leash_cfg();
+	return cfg && cfg->daemon_tgid && p->tgid == cfg->daemon_tgid;
+}
+
+SEC("lsm/bpf")
+int BPF_PROG(leash_bpf, int cmd, union bpf_attr *attr, unsigned int size)
+{
+	__u32 agent = leash_agent();
+
+	return agent ? leash_refuse(agent, LEASH_WHY_BPF, cmd) : 0;
+}
+
+SEC("lsm/ptrace_access_check")
+int BPF_PROG(leash_ptrace, struct task_struct *child, unsigned int mode)
+{
+	__u32 agent = leash_agent();
+
+	if (!agent || !leash_is_daemon(child))
+		return 0;
+	return leash_refuse(agent, LEASH_WHY_PTRACE, child->tgid);
+}
+
+SEC("lsm/task_kill")
+int BPF_PROG(leash_task_kill, struct task_struct *p, struct kernel_siginfo *info, int sig,
+	     const struct cred *cred)
+{
+	__u32 agent;
+
+	if (!sig)
+		return 0;       /* an existence probe changes nothing */
+	agent = leash_agent();
+	if (!agent || !leash_is_daemon(p))
+		return 0;
+	return leash_refuse(agent, LEASH_WHY_SIGNAL, p->tgid);
+}
