@@ -105,8 +105,7 @@ class PortRule(msgspec.Struct, frozen=True):
 
 class NetClass(msgspec.Struct, frozen=True):
     """A network class: the set of destinations every policy treats alike
-    apart from port and protocol."""
-    agent: int
+    apart from port and protocol (shared by agents whose columns agree)."""
     kind: str                  # "addr" | "name"
     representative: str        # address or host name asked of Cedar
 
@@ -123,6 +122,7 @@ class DecisionTables(msgspec.Struct):
     name_rules: list[NameRule]
     net_classes: list[NetClass]
     port_rules: list[PortRule]
+    cedar_requests: int = 0                # representatives Cedar was asked about
 
     def policy_ids(self, verdict: int) -> list[str]:
         return [self.policies[i].id for i in self.verdicts[verdict].policies]
@@ -207,3 +207,93 @@ def kernel_entries(tables: DecisionTables, generation: int) -> list[KernelEntry]
                                    encode_port_value(rule.verdict,
                                                      tables.verdicts[rule.verdict].allow)))
     return out
+
+
+# ---------------------------------------------------------------- userspace lookup
+
+class Answer(msgspec.Struct, frozen=True):
+    """What the tables say about one event."""
+    verdict: int                       # index into DecisionTables.verdicts
+    table_class: str                   # human description of the class that matched
+
+
+class TableIndex:
+    """The kernel's longest-prefix lookups, done in userspace over the same
+    rows: `explain`, the compat backend's fanotify path and tests use it."""
+
+    def __init__(self, tables: DecisionTables) -> None:
+        self.tables = tables
+        self._paths = {(r.agent, r.path, r.exact): r.path_class for r in tables.path_rules}
+        self._addrs: dict[tuple[int, int], dict[int, dict[int, int]]] = {}
+        for r in tables.addr_rules:
+            net = ipaddress.ip_network(r.cidr)
+            by_len = self._addrs.setdefault((r.agent, net.version), {})
+            by_len.setdefault(net.prefixlen, {})[int(net.network_address)] = r.net_class
+        self._addr_lens = {k: sorted(v, reverse=True) for k, v in self._addrs.items()}
+        self._names = {(r.agent, r.name): r.net_class for r in tables.name_rules}
+        self._ports = {(r.net_class, r.proto, r.port, r.prefix_bits): r.verdict for r in tables.port_rules}
+
+    def agent_id(self, name: str) -> int:
+        return self.tables.agents.get(name, self.tables.other_agent)
+
+    def path(self, agent: int, action: str, path: str, is_dir: bool) -> Answer | None:
+        """None: no rule at all (the kernel would fail closed)."""
+        key = path + "/" if is_dir and not path.endswith("/") else path
+        cls = self._paths.get((agent, key, True))
+        desc = f"exact {key}"
+        if cls is None:
+            i = len(key)
+            while cls is None and i > 0:
+                i = key.rfind("/", 0, i)
+                if i < 0:
+                    break
+                cls = self._paths.get((agent, key[:i + 1], False))
+                desc = f"under {key[:i + 1]}"
+        if cls is None:
+            return None
+        verdict = self.tables.path_classes[cls].verdict_for(action, is_dir)
+        return Answer(verdict, desc) if verdict >= 0 else None
+
+    def _port(self, net_class: int, port: int, proto: int) -> int | None:
+        for bits in range(16, -1, -1):
+            start = port & ~((1 << (16 - bits)) - 1) & 0xFFFF
+            v = self._ports.get((net_class, proto, start, bits))
+            if v is not None:
+                return v
+        return None
+
+    def address(self, agent: int, ip: str, port: int, proto: int) -> Answer | None:
+        addr = ipaddress.ip_address(ip)
+        if addr.version == 6 and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        bits = 32 if addr.version == 4 else 128
+        table = self._addrs.get((agent, addr.version), {})
+        for plen in self._addr_lens.get((agent, addr.version), ()):
+            net = int(addr) >> (bits - plen) << (bits - plen) if plen else 0
+            cls = table[plen].get(net)
+            if cls is not None:
+                v = self._port(cls, port, proto)
+                suffix = "" if plen == bits else f"/{plen}"
+                return None if v is None else Answer(
+                    v, f"address {ipaddress.ip_address(net) if addr.version == 4 else ipaddress.IPv6Address(net)}{suffix}")
+        return None
+
+    def host(self, agent: int, name: str, port: int, proto: int) -> Answer | None:
+        """A host name learnt from DNS (no address known)."""
+        cls = self._names.get((agent, name))
+        desc = f"name {name}"
+        if cls is None:
+            labels = name.split(".")
+            for i in range(1, len(labels)):
+                zone = "*." + ".".join(labels[i:])
+                cls = self._names.get((agent, zone))
+                if cls is not None:
+                    desc = f"zone {zone}"
+                    break
+        if cls is None:
+            cls = self._names.get((agent, ""))
+            desc = "other names"
+        if cls is None:
+            return None
+        v = self._port(cls, port, proto)
+        return None if v is None else Answer(v, desc)

@@ -1,0 +1,462 @@
+"""Compile a policy set into kernel decision tables (DESIGN.md section 1.2).
+
+The request space of the kernel-enforced actions is cut into classes that
+every policy condition treats alike:
+
+- agents: one column per distinct set of mentioned principals an agent is
+  (or is in); undeclared, unmentioned agents share the `other` column;
+- paths: the longest distinguished prefix (a mentioned Dir) or an exact
+  mentioned path names the class;
+- network: the finest mentioned address range (or exact host name, or deepest
+  mentioned zone) names a network class; within it, ports are cut into the
+  intervals the policies' port atoms distinguish, for each protocol.
+
+cedarpy is asked once per class, on a representative request built by
+leash.policy.requests exactly as a real event would be. Policies whose scope
+(or top-level `when` conjuncts on principal/resource/action) cannot match a
+class are left out of the set Cedar evaluates for it: they could not be
+satisfied, so the answer and its determining policies are unchanged. Where no
+policy can match at all, the answer is Cedar's default deny.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections import defaultdict
+
+import cedarpy
+import msgspec
+from cedarpy import pst
+
+from leash.policy import requests as rq
+from leash.policy.fragment import PolicyAtoms, analyze
+from leash.policy.loader import LoadedPolicy, applies_to
+from leash.policy.source import Diagnostic
+from leash.policy.tables import (CONNECT, EXEC, FILE_READ, FILE_WRITE, AddrRule,
+                                 DecisionTables, NameRule, NetClass, PathClass,
+                                 PathRule, PortRule, Verdict)
+
+OTHER_AGENT_ID = 0
+MAX_AGENT_ID = (1 << 31) - 1
+_FILE_ACTIONS = (FILE_READ, FILE_WRITE, EXEC)
+
+
+class CompileError(Exception):
+    def __init__(self, diagnostics: list[Diagnostic]) -> None:
+        self.diagnostics = diagnostics
+        super().__init__("\n".join(str(d) for d in diagnostics))
+
+
+# ---------------------------------------------------------------- applicability
+
+class _Constraint(msgspec.Struct, frozen=True):
+    """`var in/== one of entities`: must hold for the policy to be satisfied."""
+    var: str                           # "principal" | "resource" | "action"
+    op: str                            # "in" | "eq" | "is"
+    entities: tuple[tuple[str, str], ...]   # (type, id); for "is": ((type, ""),)
+
+
+def _uid(e: pst.EntityUid) -> tuple[str, str]:
+    return str(e.type), e.id
+
+
+def _scope_constraints(var: str, c) -> list[_Constraint]:
+    out = []
+    if isinstance(c, pst.ScopeEq) and isinstance(c.entity, pst.EntityUid):
+        out.append(_Constraint(var, "eq", (_uid(c.entity),)))
+    elif isinstance(c, pst.ScopeIn) and isinstance(c.entity, pst.EntityUid):
+        out.append(_Constraint(var, "in", (_uid(c.entity),)))
+    elif isinstance(c, pst.ScopeIs):
+        out.append(_Constraint(var, "is", ((str(c.entity_type), ""),)))
+    elif isinstance(c, pst.ScopeIsIn) and isinstance(c.entity, pst.EntityUid):
+        out.append(_Constraint(var, "is", ((str(c.entity_type), ""),)))
+        out.append(_Constraint(var, "in", (_uid(c.entity),)))
+    return out
+
+
+def _conjuncts(expr) -> list:
+    if isinstance(expr, pst.BinaryOp) and expr.op == "and":
+        return _conjuncts(expr.left) + _conjuncts(expr.right)
+    return [expr]
+
+
+def _condition_constraint(expr) -> _Constraint | None:
+    if not isinstance(expr, pst.BinaryOp) or expr.op not in ("in", "eq"):
+        return None
+    left, right = expr.left, expr.right
+    if expr.op == "eq" and isinstance(left, pst.EntityLit) and isinstance(right, pst.Var):
+        left, right = right, left
+    if not (isinstance(left, pst.Var) and left.name in ("principal", "resource")):
+        return None
+    items = right.elements if (expr.op == "in" and isinstance(right, pst.Set)) else (right,)
+    if not items or not all(isinstance(i, pst.EntityLit) for i in items):
+        return None
+    return _Constraint(left.name, expr.op, tuple(_uid(i.value) for i in items))
+
+
+class _Subject(msgspec.Struct, frozen=True):
+    """What the filter knows about one side of a representative request."""
+    uid: tuple[str, str]
+    ancestors: frozenset               # uids it is `in`, itself included
+    maybe: frozenset = frozenset()     # Host keys whose "key:port" uids it may be (port open)
+
+
+def _holds(c: _Constraint, s: _Subject) -> bool:
+    """False only when the constraint definitely fails for the subject."""
+    if c.op == "is":
+        return c.entities[0][0] == s.uid[0]
+    for e in c.entities:
+        if e != _anchor_key(e) and _anchor_key(e) in s.maybe:
+            return True             # Host "x:port" while the class's port is open
+        if c.op == "eq" and e == s.uid:
+            return True
+        if c.op == "in" and e in s.ancestors:
+            return True
+    return False
+
+
+class _Candidate(msgspec.Struct):
+    index: int
+    actions: frozenset[str]
+    constraints: tuple[_Constraint, ...]
+    atoms: PolicyAtoms
+
+
+def _candidate(index: int, template, atoms: PolicyAtoms) -> _Candidate:
+    cons = _scope_constraints("principal", template.principal) + \
+        _scope_constraints("resource", template.resource)
+    for clause in template.clauses:
+        if isinstance(clause, pst.When):
+            for conj in _conjuncts(clause.expr):
+                c = _condition_constraint(conj)
+                if c is not None:
+                    cons.append(c)
+    return _Candidate(index, atoms.actions, tuple(cons), atoms)
+
+
+class _Index:
+    """Candidates by the resource uids they are anchored to, so a class only
+    looks at policies that name one of its ancestors (or name none)."""
+
+    def __init__(self, candidates: list[_Candidate]) -> None:
+        self.unanchored: list[_Candidate] = []
+        self.by_anchor: dict[tuple[str, str], list[_Candidate]] = defaultdict(list)
+        for c in candidates:
+            anchors = [con for con in c.constraints if con.var == "resource" and con.op != "is"]
+            if not anchors:
+                self.unanchored.append(c)
+                continue
+            # Any one anchoring constraint will do; take the narrowest.
+            best = min(anchors, key=lambda con: len(con.entities))
+            for e in best.entities:
+                self.by_anchor[_anchor_key(e)].append(c)
+
+    def applicable(self, action: str, principal: _Subject, resource: _Subject) -> list[int]:
+        seen: set[int] = set()
+        out: list[int] = []
+        pools = [self.unanchored] + [self.by_anchor.get(_anchor_key(a), ())
+                                     for a in resource.ancestors | resource.maybe]
+        for pool in pools:
+            for c in pool:
+                if c.index in seen:
+                    continue
+                seen.add(c.index)
+                if action not in c.actions:
+                    continue
+                if all(_holds(con, principal if con.var == "principal" else resource)
+                       for con in c.constraints):
+                    out.append(c.index)
+        out.sort()
+        return out
+
+
+def _anchor_key(e: tuple[str, str]) -> tuple[str, str]:
+    """Host "x:443" is indexed under "x", where a port-agnostic class finds it."""
+    if e[0] == "Host":
+        from leash.policy.loader import split_host_port
+        parsed = split_host_port(e[1])
+        if not isinstance(parsed, str) and parsed[1] is not None:
+            return "Host", parsed[0]
+    return e
+
+
+# ---------------------------------------------------------------- evaluation
+
+class _Evaluator:
+    """Collects representative requests, asks cedarpy, interns verdicts."""
+
+    def __init__(self, policy: LoadedPolicy) -> None:
+        self.policy = policy
+        self.templates = [s.template for s in policy.sources]
+        self.verdicts: list[Verdict] = []
+        self._verdict_ids: dict[Verdict, int] = {}
+        self._pending: dict[tuple[int, ...], list[tuple[rq.Request, list, int]]] = defaultdict(list)
+        self._entities: dict[str, dict] = {}
+        self.deny_none = self.intern(Verdict(False, ()))
+        self.cedar_requests = 0
+
+    def intern(self, v: Verdict) -> int:
+        vid = self._verdict_ids.get(v)
+        if vid is None:
+            vid = self._verdict_ids[v] = len(self.verdicts)
+            self.verdicts.append(v)
+        return vid
+
+    def ask(self, applicable: list[int], request: rq.Request, sink: list, slot: int) -> None:
+        """Arrange for sink[slot] to receive the verdict id."""
+        if not applicable:
+            sink[slot] = self.deny_none
+            return
+        for e in request.entities:
+            self._entities.setdefault(json.dumps(e["uid"], sort_keys=True), e)
+        self._pending[tuple(applicable)].append((request, sink, slot))
+
+    def run(self) -> None:
+        base = self.policy.entities_for(rq.Request({}, {}, {}, {}, []))
+        ents = {json.dumps(e["uid"], sort_keys=True): e for e in base}
+        ents.update(self._entities)
+        handle = cedarpy.Entities.from_json_str(json.dumps(list(ents.values())))
+        ids = [s.info.id for s in self.policy.sources]
+        index_of = {pid: i for i, pid in enumerate(ids)}
+        for subset, items in self._pending.items():
+            policy_set = cedarpy.PolicySet.from_pst(pst.PolicySet(
+                templates={}, static_policies={ids[i]: self.templates[i] for i in subset},
+                template_links=()))
+            results = cedarpy.is_authorized_batch([r.cedar() for r, _, _ in items], policy_set, handle)
+            self.cedar_requests += len(items)
+            for (_, sink, slot), res in zip(items, results):
+                reasons = tuple(sorted(index_of[p] for p in res.diagnostics.reasons))
+                sink[slot] = self.intern(Verdict(res.allowed, reasons))
+        self._pending.clear()
+
+
+# ---------------------------------------------------------------- classes
+
+def _unique_label(taken, make) -> str:
+    n = 0
+    while True:
+        candidate = make("leash-class" + (f"-{n}" if n else ""))
+        if candidate not in taken:
+            return candidate
+        n += 1
+
+
+class _PathKey(msgspec.Struct, frozen=True):
+    path: str                           # key text: "/a/" prefix, "/a/b" or "/a/" exact
+    exact: bool
+    kind: str                           # "File" | "Dir" for exact keys, "" for prefixes
+
+
+def _path_keys(atoms: list[PolicyAtoms]) -> list[_PathKey]:
+    prefixes = {"/"}
+    exacts: set[tuple[str, str]] = set()
+    for a in atoms:
+        prefixes |= a.prefixes
+        exacts |= a.exact_paths
+    keys = [_PathKey(p, False, "") for p in sorted(prefixes)]
+    keys += [_PathKey(path, True, kind) for kind, path in sorted(exacts)]
+    return keys
+
+
+def _file_subject(path: str, is_dir: bool) -> _Subject:
+    res_uid, res_entity = rq.file_resource(path, is_dir)
+    anc = frozenset([(res_uid["type"], res_uid["id"])] +
+                    [(p["type"], p["id"]) for p in res_entity["parents"]])
+    return _Subject((res_uid["type"], res_uid["id"]), anc)
+
+
+def _ip_classes(cidrs: set[str]) -> list[tuple[str, str]]:
+    """(cidr, representative address) for every range some address falls to
+    as its finest mentioned range."""
+    nets = sorted({ipaddress.ip_network(c) for c in cidrs} |
+                  {ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")},
+                  key=lambda n: (n.version, n.network_address, n.prefixlen))
+    out = []
+    for net in nets:
+        inside = [n for n in nets if n.version == net.version and n != net and n.subnet_of(net)]
+        direct = [n for n in inside if not any(m != n and n.subnet_of(m) for m in inside)]
+        candidate = int(net.network_address)
+        for child in sorted(direct, key=lambda n: int(n.network_address)):
+            if candidate < int(child.network_address):
+                break
+            candidate = max(candidate, int(child.broadcast_address) + 1)
+        if candidate <= int(net.broadcast_address):
+            out.append((str(net), str(ipaddress.ip_address(candidate) if net.version == 4
+                                      else ipaddress.IPv6Address(candidate))))
+    return out
+
+
+def _port_intervals(cuts: set[int]) -> list[tuple[int, int]]:
+    points = sorted({0} | {c for c in cuts if 0 < c <= 65535})
+    return [(lo, (points[i + 1] - 1) if i + 1 < len(points) else 65535) for i, lo in enumerate(points)]
+
+
+def _port_blocks(lo: int, hi: int) -> list[tuple[int, int]]:
+    """[lo, hi] as disjoint aligned blocks: (start, prefix bits of 16)."""
+    out = []
+    while lo <= hi:
+        size = lo & -lo if lo else 1 << 16
+        while lo + size - 1 > hi:
+            size >>= 1
+        out.append((lo, 16 - size.bit_length() + 1))
+        lo += size
+    return out
+
+
+# ---------------------------------------------------------------- compile
+
+def _agent_ids(policy: LoadedPolicy, given: dict[str, int] | None, mentioned: set[str]) -> dict[str, int]:
+    ids = dict(given or {})
+    for name in list(policy.config.agents) + sorted(mentioned):
+        if name not in ids:
+            ids[name] = max([0, *ids.values()]) + 1
+    if any(not 1 <= i <= MAX_AGENT_ID for i in ids.values()):
+        raise ValueError("agent ids must be in 1..2^31-1")
+    return ids
+
+
+def compile_tables(policy: LoadedPolicy, agent_ids: dict[str, int] | None = None) -> DecisionTables:
+    """Raises CompileError naming file, line and construct for every policy the
+    partition cannot capture."""
+    diags: list[Diagnostic] = []
+    candidates: list[_Candidate] = []
+    for i, src in enumerate(policy.sources):
+        atoms, errors = analyze(src.template)
+        for err in errors:
+            line, col = src.position_of(err.near)
+            diags.append(Diagnostic(src.info.file, line, col,
+                                    f"policy {src.info.id!r}: {err.message}"))
+        if atoms is not None and not errors:
+            candidates.append(_candidate(i, src.template, atoms))
+    if diags:
+        raise CompileError(diags)
+    all_atoms = [c.atoms for c in candidates]
+    principals = set().union(*(a.principals for a in all_atoms)) if all_atoms else set()
+    ids = _agent_ids(policy, agent_ids, {pid for kind, pid in principals if kind == "Agent"})
+    index = _Index(candidates)
+    by_index = {c.index: c for c in candidates}
+    ev = _Evaluator(policy)
+
+    # Agent columns.
+    other_name = _unique_label(set(ids), lambda s: s)
+    columns: dict[frozenset, tuple[str, list[str], list[int]]] = {}
+    for name, aid in list(ids.items()) + [(other_name, OTHER_AGENT_ID)]:
+        groups = policy.config.ancestor_groups(name) if aid != OTHER_AGENT_ID else []
+        member = {("Agent", name)} | {("AgentGroup", g) for g in groups}
+        signature = frozenset(member & principals)
+        if signature not in columns:
+            columns[signature] = (name, policy.groups_of(name) if aid != OTHER_AGENT_ID else [], [])
+        columns[signature][2].append(aid)
+    column_list = list(columns.values())
+
+    def principal_subject(name: str) -> _Subject:
+        groups = policy.config.ancestor_groups(name) if name in policy.config.agents else []
+        anc = frozenset({("Agent", name)} | {("AgentGroup", g) for g in groups})
+        return _Subject(("Agent", name), anc)
+
+    type_sensitive = any(a.type_sensitive for a in all_atoms)
+    keys = _path_keys(all_atoms)
+    exact_set = {k.path for k in keys if k.exact}
+
+    # Path classes: rows[(column, key)] = 5 verdict slots.
+    path_slots: dict[tuple[int, int], list] = {}
+    path_reps: dict[int, str] = {}
+    for ki, key in enumerate(keys):
+        if key.exact:
+            reps = {key.kind == "Dir": key.path}
+        else:
+            child = _unique_label(exact_set, lambda s, k=key: k.path + s)
+            reps = {False: child, True: child + "/"}
+        path_reps[ki] = reps.get(False) or reps[True]
+        for ci, (name, groups, _) in enumerate(column_list):
+            psub = principal_subject(name)
+            slots: list = [-1] * 5     # read_file, write_file, exec, read_dir, write_dir
+            for is_dir, path in reps.items():
+                if is_dir and not key.exact and not type_sensitive:
+                    continue            # filled from the file verdicts below
+                rsub = _file_subject(path, is_dir)
+                actions = (FILE_READ, FILE_WRITE) if is_dir else _FILE_ACTIONS
+                for action in actions:
+                    slot = (3 if is_dir else 0) + _FILE_ACTIONS.index(action)
+                    req = rq.file_request(name, groups, action, path, is_dir)
+                    ev.ask(index.applicable(action, psub, rsub), req, slots, slot)
+            path_slots[(ci, ki)] = slots
+
+    # Network classes per column: (kind, key) -> representative.
+    cidrs = set().union(*(a.cidrs for a in all_atoms)) if all_atoms else set()
+    names = set().union(*(a.names for a in all_atoms)) if all_atoms else set()
+    zones = set().union(*(a.zones for a in all_atoms)) if all_atoms else set()
+    net_keys: list[tuple[str, str, str | None, str | None]] = []   # (kind, key, host, ip)
+    for cidr, rep in _ip_classes(cidrs):
+        net_keys.append(("addr", cidr, None, rep))
+    for n in sorted(names):
+        net_keys.append(("name", n, n, None))
+    for z in sorted(zones):
+        net_keys.append(("name", z, _unique_label(names, lambda s, z=z: f"{s}.{z[2:]}"), None))
+    net_keys.append(("name", "", _unique_label(names, lambda s: s), None))
+
+    net_slots: dict[tuple[int, int], list[tuple[int, int, list]]] = {}
+    for ni, (kind, key, host, ip) in enumerate(net_keys):
+        _, res_entity = rq.host_resource(host, ip, 0)
+        anc = {(p["type"], p["id"]) for p in res_entity["parents"] if not p["id"].endswith(":0")}
+        maybe = {("Host", key)} if kind == "name" and key and not key.startswith("*.") else set()
+        if ip:
+            maybe.add(("Host", ip))
+        rsub = _Subject(("Host", "?"), frozenset(anc), frozenset(maybe))
+        for ci, (name, groups, _) in enumerate(column_list):
+            applicable = index.applicable(CONNECT, principal_subject(name), rsub)
+            cuts: set[int] = set()
+            protocols = ["tcp"]
+            for i in applicable:
+                cuts |= by_index[i].atoms.ports
+                if by_index[i].atoms.reads_protocol:
+                    protocols = ["tcp", "udp"]
+            intervals: list[tuple[int, int, list]] = []
+            for lo, hi in _port_intervals(cuts):
+                slots: list = [-1, -1]
+                for pi, proto in enumerate(protocols):
+                    req = rq.net_request(name, groups, host, ip, lo, proto)
+                    ev.ask(applicable, req, slots, pi)
+                intervals.append((lo, hi, slots))
+            net_slots[(ci, ni)] = intervals
+
+    ev.run()
+
+    # Tables.
+    tables = DecisionTables(agents={n: i for n, i in ids.items()}, other_agent=OTHER_AGENT_ID,
+                            policies=policy.policies, verdicts=ev.verdicts, path_rules=[],
+                            path_classes=[], addr_rules=[], name_rules=[], net_classes=[],
+                            port_rules=[])
+    for (ci, ki), slots in path_slots.items():
+        key = keys[ki]
+        if not key.exact and not type_sensitive:
+            slots[3], slots[4] = slots[0], slots[1]
+        row = len(tables.path_classes)
+        tables.path_classes.append(PathClass(*slots, representative=path_reps[ki]))
+        for aid in column_list[ci][2]:
+            tables.path_rules.append(PathRule(aid, key.path, key.exact, row))
+    for (ci, ni), intervals in net_slots.items():
+        kind, key, host, ip = net_keys[ni]
+        row = len(tables.net_classes)
+        tables.net_classes.append(NetClass(kind, host or ip or ""))
+        for aid in column_list[ci][2]:
+            if kind == "addr":
+                tables.addr_rules.append(AddrRule(aid, key, row))
+            else:
+                tables.name_rules.append(NameRule(aid, key, row))
+        for pi, proto in enumerate((6, 17)):
+            spans: dict[int, int] = defaultdict(int)
+            for lo, hi, slots in intervals:
+                spans[slots[pi] if slots[pi] != -1 else slots[0]] += hi - lo + 1
+            # LPM: one /0 entry for the commonest verdict, the exceptions as
+            # disjoint aligned blocks that out-match it.
+            default = max(spans, key=lambda v: (spans[v], -v))
+            tables.port_rules.append(PortRule(row, proto, 0, 0, default))
+            for lo, hi, slots in intervals:
+                v = slots[pi] if slots[pi] != -1 else slots[0]
+                if v != default:
+                    for start, bits in _port_blocks(lo, hi):
+                        tables.port_rules.append(PortRule(row, proto, start, bits, v))
+    tables.cedar_requests = ev.cedar_requests
+    return tables
