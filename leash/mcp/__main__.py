@@ -1,0 +1,5 @@
+import sys
+
+from leash.mcp.cli import main
+
+sys.exit(main())

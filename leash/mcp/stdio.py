@@ -1,0 +1,166 @@
+"""`leash mcp wrap`: the gateway between an MCP client (our stdin/stdout) and
+the stdio MCP server it spawns.
+
+Three tasks share one `Session`: client -> server lines, server -> client
+lines, and a timer that answers requests the server leaves unanswered. The
+wrapper ends when the server's stdout ends; when the client closes stdin the
+server's stdin is closed too, and a server that then does not exit is
+terminated after a grace period. Whatever is still pending at the end gets an
+error answer (if the client is still there) and an audit record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+
+from leash.mcp.lines import read_lines
+from leash.mcp.session import CLIENT, SERVER, Gateway, Routed, Session
+
+EXIT_GRACE_S = 5.0
+
+
+class _Pipes:
+    """The two byte streams and what happened to them."""
+
+    def __init__(self, client_out: asyncio.StreamWriter, server_in: asyncio.StreamWriter) -> None:
+        self.client_out = client_out
+        self.server_in = server_in
+        self.client_gone = False
+        self.server_closed = False
+
+    async def send(self, routed: Routed) -> None:
+        for frame in routed.to_server:
+            await self._write_server(frame)
+        for frame in routed.to_client:
+            await self._write_client(frame)
+
+    async def _write_client(self, frame: bytes) -> None:
+        if self.client_gone:
+            return
+        try:
+            self.client_out.write(frame + b"\n")
+            await self.client_out.drain()
+        except (ConnectionError, OSError):
+            self.client_gone = True
+
+    async def _write_server(self, frame: bytes) -> None:
+        if self.server_closed:
+            return
+        try:
+            self.server_in.write(frame + b"\n")
+            await self.server_in.drain()
+        except (ConnectionError, OSError):
+            # The server is exiting; its pending requests are answered when
+            # its stdout ends.
+            self.server_closed = True
+
+
+async def wrap(gateway: Gateway, argv: list[str]) -> int:
+    """Run the server `argv` behind the gateway; returns the server's exit
+    status (128+N when a signal N ended it, 127 when it could not start)."""
+    loop = asyncio.get_running_loop()
+    session = gateway.session()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    except OSError as e:
+        gateway.record(argv[0], "deny", method="-", outcome="server failed",
+                       reason=f"cannot start the MCP server: {e.strerror or e}")
+        print(f"leash: cannot start the MCP server {argv[0]!r}: {e.strerror or e}", file=sys.stderr)
+        return 127
+    assert proc.stdin is not None and proc.stdout is not None
+
+    client_in = asyncio.StreamReader(limit=1 << 16)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(client_in), sys.stdin.buffer)
+    transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, sys.stdout.buffer)
+    client_out = asyncio.StreamWriter(transport, protocol, None, loop)
+    pipes = _Pipes(client_out, proc.stdin)
+
+    loop.add_signal_handler(signal.SIGHUP, gateway.source.request_reload)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, _terminate, proc)
+
+    limit = gateway.settings.max_message_bytes
+    client_task = asyncio.create_task(_client_to_server(session, pipes, client_in, proc, limit))
+    timer_task = asyncio.create_task(_timer(session, pipes)) if gateway.settings.timeout_s > 0 else None
+    await _server_to_client(session, pipes, proc.stdout, limit)
+
+    status = await proc.wait()
+    for task in (client_task, timer_task):
+        if task is not None:
+            task.cancel()
+    why = (f"the MCP server exited (status {status}) before answering" if status >= 0
+           else f"the MCP server was killed by signal {-status} before answering")
+    if pipes.client_gone:
+        session.abandon(None, "the client went away; " + why)
+    else:
+        await pipes.send(session.fail(None, why))
+    try:
+        client_out.close()
+    except OSError:
+        pass
+    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)
+    return status if status >= 0 else 128 - status
+
+
+async def _client_to_server(session: Session, pipes: _Pipes, client_in: asyncio.StreamReader,
+                            proc: asyncio.subprocess.Process, limit: int) -> None:
+    async for line, oversized in read_lines(client_in, limit):
+        if oversized:
+            await pipes.send(session.oversized(CLIENT, line))
+        elif line.strip():
+            await pipes.send(session.from_client(line))
+        if pipes.client_gone:
+            break
+    # The client closed its side: pass the EOF on, as a direct connection
+    # would, and give the server a grace period to finish and exit.
+    pipes.server_closed = True
+    try:
+        pipes.server_in.close()
+    except OSError:
+        pass
+    try:
+        await asyncio.wait_for(proc.wait(), EXIT_GRACE_S)
+    except asyncio.TimeoutError:
+        _terminate(proc)
+        try:
+            await asyncio.wait_for(proc.wait(), EXIT_GRACE_S)
+        except asyncio.TimeoutError:
+            proc.kill()
+
+
+async def _server_to_client(session: Session, pipes: _Pipes, server_out: asyncio.StreamReader,
+                            limit: int) -> None:
+    async for line, oversized in read_lines(server_out, limit):
+        if oversized:
+            await pipes.send(session.oversized(SERVER, line))
+        elif line.strip():
+            await pipes.send(session.from_server(line))
+
+
+async def _timer(session: Session, pipes: _Pipes) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        deadline = session.next_deadline()
+        delay = 1.0 if deadline is None else min(1.0, max(0.0, deadline - loop.time()))
+        await asyncio.sleep(delay)
+        routed = session.expire()
+        if routed.to_client or routed.to_server:
+            await pipes.send(routed)
+
+
+def _terminate(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        try:
+            proc.send_signal(signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+
+def client_pid() -> int:
+    """The MCP client that spawned the wrapper: the agent process the audit names."""
+    return os.getppid()
