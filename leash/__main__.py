@@ -1,0 +1,5 @@
+import sys
+
+from leash.cli import main
+
+sys.exit(main())
