@@ -441,16 +441,17 @@ class Session:
         pending = [c.deadline for c in self.calls.values() if not c.done and c.deadline]
         return min(pending) if pending else None
 
-    def fail(self, ids: list[RequestId] | None, message: str) -> Routed:
-        """The server cannot answer (it exited, the connection broke): every
-        pending request (or those in `ids`) gets an error now."""
+    def fail(self, ids: list[RequestId] | None, message: str, code: int = jsonrpc.UPSTREAM_FAILED,
+             prefix: str = "leash: ") -> Routed:
+        """The server cannot answer (it exited, the connection broke, it
+        rejected the whole exchange): every pending request (or those in
+        `ids`) gets an error now."""
         routed = Routed()
         for rid in list(self.calls) if ids is None else ids:
             call = self.calls.pop(rid, None)
             if call is None or call.done:
                 continue
-            routed.to_client.append(jsonrpc.encode(jsonrpc.error_reply(
-                rid, jsonrpc.UPSTREAM_FAILED, f"leash: {message}")))
+            routed.to_client.append(jsonrpc.encode(jsonrpc.error_reply(rid, code, prefix + message)))
             self._finish(rid, call, "server failed", message)
         if ids is None:
             self._drop_server_calls("server gone")
