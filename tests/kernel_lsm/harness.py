@@ -1,0 +1,177 @@
+"""Helpers of the in-VM kernel suite: the policy, the file tree, agents, records."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+
+from leash.audit import AuditRecord
+from leash.kernel import cgroup
+from leash.kernel.lsm import LsmBackend
+from leash.policy.compiler import compile_tables
+from leash.policy.loader import load_policy_dir
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKER = os.path.join(HERE, "worker.py")
+PYTHON = "/usr/bin/python3"          # the agent's interpreter: stdlib only
+LT = "/tmp/lt"                       # the files the policies speak about
+AGENTS = {"bot": 1}
+
+# The policy every test module starts from. Read anything, write only under
+# w/ (never w/secrets/ nor w/key.txt), run /usr and bin/ (never bin/forbidden),
+# reach 127.0.0.1 and ::1 on 8080 (TCP or UDP) and UDP 5353.
+POLICY = f"""
+@id("read-anything")
+permit (principal == Agent::"bot", action == Action::"FileOpenReadOnly", resource in Dir::"/");
+@id("work")
+permit (principal == Agent::"bot", action in Action::"FileOpen", resource in Dir::"{LT}/w/");
+@id("devnull")
+permit (principal, action in Action::"FileOpen", resource == File::"/dev/null");
+@id("no-secrets")
+forbid (principal, action in Action::"FileOpen", resource in Dir::"{LT}/w/secrets/");
+@id("no-key")
+forbid (principal, action in Action::"FileOpen", resource == File::"{LT}/w/key.txt");
+@id("exec-usr")
+permit (principal, action == Action::"ProcessExec", resource in Dir::"/usr/");
+@id("exec-bin")
+permit (principal, action == Action::"ProcessExec", resource in Dir::"{LT}/bin/");
+@id("no-forbidden")
+forbid (principal, action == Action::"ProcessExec", resource == File::"{LT}/bin/forbidden");
+@id("local-8080")
+permit (principal, action == Action::"NetworkConnect", resource in Host::"127.0.0.1")
+  when {{ context.port == 8080 }};
+@id("local6-8080")
+permit (principal, action == Action::"NetworkConnect", resource in Host::"::1")
+  when {{ context.port == 8080 }};
+@id("mdns-udp")
+permit (principal, action == Action::"NetworkConnect", resource in Host::"127.0.0.1")
+  when {{ context.port == 5353 && context.protocol == "udp" }};
+"""
+
+
+def make_world() -> None:
+    """A fresh file tree under LT, made by the (ungoverned) test process."""
+    shutil.rmtree(LT, ignore_errors=True)
+    for d in ("w/secrets", "bin", "ro"):
+        os.makedirs(f"{LT}/{d}")
+    for path, text in (("w/ok.txt", "ok"), ("w/secrets/s.txt", "secret"), ("w/key.txt", "key"),
+                       ("ro/r.txt", "read only")):
+        with open(f"{LT}/{path}", "w") as f:
+            f.write(text)
+    shutil.copy("/usr/bin/true", f"{LT}/bin/allowed")
+    shutil.copy("/usr/bin/true", f"{LT}/bin/forbidden")
+
+
+def write_policy(directory: str, text: str) -> None:
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "policy.cedar"), "w") as f:
+        f.write(text)
+    with open(os.path.join(directory, "leash.toml"), "w") as f:
+        f.write('[agents.bot]\n')
+
+
+def compile_dir(directory: str):
+    return compile_tables(load_policy_dir(directory), AGENTS)
+
+
+class Records:
+    """The audit sink: every AuditRecord the backend hands over."""
+
+    def __init__(self) -> None:
+        self.items: list[AuditRecord] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, rec: AuditRecord) -> None:
+        with self._lock:
+            self.items.append(rec)
+
+    def find(self, pred: Callable[[AuditRecord], bool], timeout: float = 10.0) -> AuditRecord:
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                for rec in self.items:
+                    if pred(rec):
+                        return rec
+            if time.monotonic() > deadline:
+                raise AssertionError("no matching audit record among:\n" +
+                                     "\n".join(str(r) for r in self.items[-40:]))
+            time.sleep(0.05)
+
+    def matching(self, pred: Callable[[AuditRecord], bool]) -> list[AuditRecord]:
+        with self._lock:
+            return [r for r in self.items if pred(r)]
+
+
+class Agent:
+    """A worker process; governed when started inside an agent cgroup."""
+
+    def __init__(self, cgroup_path: str | None) -> None:
+        enter = f'echo $$ > {cgroup_path}/cgroup.procs && ' if cgroup_path else ""
+        self.proc = subprocess.Popen(["/bin/sh", "-c", f"{enter}exec {PYTHON} {WORKER}"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     cwd="/", env={"PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1"})
+        self.pid = self.proc.pid
+
+    def send(self, code: str) -> None:
+        self.proc.stdin.write(json.dumps({"code": code}) + "\n")
+        self.proc.stdin.flush()
+
+    def receive(self):
+        line = self.proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"worker {self.pid} died (status {self.proc.wait()})")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise AssertionError(f"worker raised {reply['error']}")
+        return reply["result"]
+
+    def run(self, code: str):
+        self.send(code)
+        return self.receive()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=10)
+
+
+class Leash:
+    """A started LsmBackend with one governed agent cgroup."""
+
+    def __init__(self, backend: LsmBackend, records: Records, cgroup_path: str, policy_dir: str) -> None:
+        self.backend = backend
+        self.records = records
+        self.cgroup = cgroup_path
+        self.policy_dir = policy_dir
+
+    def agent(self) -> Agent:
+        return Agent(self.cgroup)
+
+
+@contextmanager
+def running(tmp_dir: str, mode: str = "enforce", policy: str = POLICY) -> Iterator[Leash]:
+    make_world()
+    policy_dir = os.path.join(tmp_dir, "policy")
+    write_policy(policy_dir, policy)
+    records = Records()
+    backend = LsmBackend(protected_paths=[policy_dir])
+    backend.start(compile_dir(policy_dir), mode, records)
+    cg = cgroup.create_agent_cgroup("bot", f"{os.getpid()}-{time.monotonic_ns()}")
+    try:
+        backend.govern(AGENTS["bot"], cg)
+        yield Leash(backend, records, cg, policy_dir)
+    finally:
+        cgroup.kill_all(cg)
+        backend.stop()
+        cgroup.remove_cgroup(cg)
+
+
+def other_agent() -> Agent:
+    return Agent(None)
+

@@ -1,0 +1,155 @@
+"""An agent stand-in: runs Python snippets sent by the test, one JSON line
+each, and answers with their `result` (or the exception). Standard library
+only, so it opens nothing of leash's."""
+
+import ctypes
+import errno
+import json
+import os
+import signal
+import socket
+import sys
+
+libc = ctypes.CDLL(None, use_errno=True)
+SYS_BPF = 321
+PTRACE_ATTACH = 16
+PTRACE_DETACH = 17
+MFD_CLOEXEC = 1
+
+
+def try_open(path, flags=os.O_RDONLY, mode=0o644):
+    """0 on success, else the errno."""
+    try:
+        os.close(os.open(path, flags, mode))
+        return 0
+    except OSError as e:
+        return e.errno
+
+
+def try_call(fn, *args):
+    try:
+        fn(*args)
+        return 0
+    except OSError as e:
+        return e.errno
+
+
+def try_exec(argv, fd=None):
+    """["errno", n] when execve failed, ["status", code] when the program ran."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            devnull = os.open("/dev/null", os.O_RDONLY)
+            os.dup2(devnull, 1)
+            os.dup2(devnull, 2)
+            os.execve(fd if fd is not None else argv[0], argv, {})
+        except OSError as e:
+            os.write(w, str(e.errno).encode())
+        os._exit(127)
+    os.close(w)
+    data = os.read(r, 64)
+    os.close(r)
+    _, status = os.waitpid(pid, 0)
+    if data:
+        return ["errno", int(data)]
+    return ["status", os.waitstatus_to_exitcode(status)]
+
+
+def try_memfd_exec(source):
+    fd = os.memfd_create("payload", 0)
+    with open(source, "rb") as f:
+        os.write(fd, f.read())
+    try:
+        return try_exec(["payload"], fd=fd)
+    finally:
+        os.close(fd)
+
+
+def try_connect(family, host, port, kind=socket.SOCK_STREAM):
+    """0, or the errno (ECONNREFUSED means leash let it through)."""
+    s = socket.socket(family, kind)
+    s.settimeout(5)
+    try:
+        s.connect((host, port))
+        return 0
+    except OSError as e:
+        return e.errno
+    finally:
+        s.close()
+
+
+def try_sendto(family, host, port):
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        s.sendto(b"x", (host, port))
+        return 0
+    except OSError as e:
+        return e.errno
+    finally:
+        s.close()
+
+
+def try_bpf():
+    attr = ctypes.create_string_buffer(128)
+    ctypes.memmove(attr, (ctypes.c_uint32 * 4)(2, 4, 8, 1), 16)   # BPF_MAP_CREATE array 4/8/1
+    fd = libc.syscall(SYS_BPF, 0, attr, 128)
+    if fd < 0:
+        return ctypes.get_errno()
+    os.close(fd)
+    return 0
+
+
+def try_ptrace(pid):
+    if libc.ptrace(PTRACE_ATTACH, pid, None, None) < 0:
+        return ctypes.get_errno()
+    libc.ptrace(PTRACE_DETACH, pid, None, None)
+    return 0
+
+
+def in_child(fn, depth=1, setsid=False):
+    """Run fn() in a descendant `depth` forks down; its result comes back as JSON."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        for _ in range(depth - 1):
+            if os.fork():
+                os._exit(0)
+        if setsid:
+            os.setsid()
+        try:
+            out = json.dumps(fn())
+        except Exception as e:
+            out = json.dumps({"error": repr(e)})
+        os.write(w, out.encode())
+        os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    chunks = []
+    while True:
+        b = os.read(r, 65536)
+        if not b:
+            break
+        chunks.append(b)
+    os.close(r)
+    return json.loads(b"".join(chunks))
+
+
+def main():
+    env = dict(globals())
+    out = sys.stdout
+    for line in sys.stdin:
+        env.pop("result", None)
+        try:
+            exec(json.loads(line)["code"], env)
+            reply = {"result": env.get("result")}
+        except Exception as e:
+            reply = {"error": repr(e)}
+        out.write(json.dumps(reply) + "\n")
+        out.flush()
+
+
+if __name__ == "__main__":
+    main()
