@@ -1,0 +1,50 @@
+/* SPDX-License-Identifier: GPL-2.0 OR Apache-2.0 */
+/*
+ * Maps shared by the compat backend's objects (compat_tasks, compat_net) on
+ * top of leash.h. Same sharing rule as leash.h: each object defines them
+ * under the same names and the loader hands every object the same fds.
+ */
+#ifndef LEASH_COMPAT_H
+#define LEASH_COMPAT_H
+
+#include "leash.h"
+
+/*
+ * Thread id -> agent for every governed thread. The fanotify responder gets
+ * a thread id with each permission event and must know in one lookup
+ * whether that thread is governed; the sock_addr programs cannot read task
+ * storage. Kept by compat_tasks.bpf.c (fork, exec, exit, cgroup attach) and
+ * seeded by Backend.govern() with the threads already in a cgroup.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, __u32);
+} compat_tids SEC(".maps");
+
+/*
+ * Superblocks (kernel dev_t, major << 20 | minor) carrying a fanotify
+ * permission mark. An exec of a file anywhere else (a memfd, a filesystem
+ * mounted after the marks) was never seen by the responder.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u32);
+	__type(value, __u32);
+} compat_fs SEC(".maps");
+
+static __always_inline __u32 compat_agent(void)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	__u32 *a = bpf_map_lookup_elem(&compat_tids, &tid);
+
+	if (a)
+		return *a;
+	/* A thread that was already in a governed cgroup before it was
+	 * governed and has not forked or exec'd since. */
+	return leash_cgroup_agent();
+}
+
+#endif /* LEASH_COMPAT_H */

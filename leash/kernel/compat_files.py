@@ -1,0 +1,367 @@
+"""The compat backend's file and exec decisions, made in userspace from the
+compiled tables while the opener waits in a fanotify permission event.
+
+What the event does not say, the blocked thread's /proc entries do: the
+syscall it is in (so the open flags: read or read-write, or an exec), its
+process, parent, uid and executable. A governed open is answered from the
+tables (TableIndex, the kernel's longest-prefix lookups done in userspace);
+Cedar is asked only where the tables have no answer. Anything that cannot be
+resolved is refused (DESIGN.md 1.5).
+
+The same semantics as lsm_file.bpf.c / lsm_exec.bpf.c, with the differences
+docs/compat.md lists.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import platform
+import stat
+import struct
+import threading
+import time
+from collections import OrderedDict
+from typing import Callable
+
+from leash.audit import AuditRecord, now_ns
+from leash.kernel import fanotify as fan
+from leash.kernel.fanotify import PermEvent, PermissionGroup
+from leash.policy.tables import EXEC, FILE_READ, FILE_WRITE, DecisionTables, TableIndex
+
+SELF_PROTECT = "SelfProtect"
+
+# The syscalls that open a file, per architecture: number -> index of the
+# flags argument (None: the flags are behind a pointer, openat2's open_how).
+_X86_64 = {"open": 2, "openat": 257, "creat": 85, "openat2": 437, "open_by_handle_at": 304,
+           "execve": 59, "execveat": 322}
+_AARCH64 = {"openat": 56, "openat2": 437, "open_by_handle_at": 265, "execve": 221, "execveat": 281}
+_FLAGS_ARG = {"open": 1, "openat": 2, "open_by_handle_at": 2}
+
+O_ACCMODE = 0o3
+O_RDONLY = 0
+O_TRUNC = 0o1000
+PF_DUMPCORE = 0x200
+
+# Where the dynamic loaders live; a loader run directly maps code it chose.
+_LOADER_GLOBS = ("/lib*/ld-linux*.so*", "/usr/lib*/ld-linux*.so*", "/lib/*/ld-linux*.so*",
+                 "/usr/lib/*/ld-linux*.so*", "/lib/ld-musl-*.so.1", "/usr/lib/ld-musl-*.so.1")
+
+# Identical allows folded within this window (as the kernel side does).
+DEDUP_WINDOW_NS = 1_000_000_000
+_NEGATIVE_CACHE = 65536
+
+Oracle = Callable[[str, str, str, bool], tuple[bool, list[str]]]
+
+
+def _syscall_names() -> dict[int, str]:
+    table = _AARCH64 if platform.machine() in ("aarch64", "arm64") else _X86_64
+    return {nr: name for name, nr in table.items()}
+
+
+def loader_identities() -> set[tuple[int, int]]:
+    out = set()
+    for pattern in _LOADER_GLOBS:
+        for path in glob.glob(pattern):
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            out.add((st.st_dev, st.st_ino))
+    return out
+
+
+class Task:
+    """What /proc says about the thread blocked in the event."""
+    __slots__ = ("tid", "tgid", "ppid", "uid", "exe", "flags", "syscall", "args")
+
+    def __init__(self, tid: int) -> None:
+        self.tid = tid
+        self.tgid = self.ppid = self.uid = self.flags = 0
+        self.exe = ""
+        self.syscall: int | None = None
+        self.args: list[int] = []
+        try:
+            with open(f"/proc/{tid}/stat", "rb") as f:
+                after = f.read().rsplit(b")", 1)[1].split()
+            self.ppid = int(after[1])
+            self.flags = int(after[6])
+            with open(f"/proc/{tid}/status", "rb") as f:
+                for line in f:
+                    if line.startswith(b"Tgid:"):
+                        self.tgid = int(line.split()[1])
+                    elif line.startswith(b"Uid:"):
+                        self.uid = int(line.split()[1])
+                        break
+            self.exe = os.readlink(f"/proc/{tid}/exe")
+        except (OSError, IndexError, ValueError):
+            pass
+        sc = fan.syscall_of(tid)
+        if sc is not None:
+            self.syscall, self.args = sc
+
+
+class Outcome:
+    """One decision and what the audit record needs."""
+    __slots__ = ("allow", "action", "resource", "policies", "reason", "table_class")
+
+    def __init__(self, allow: bool, action: str, resource: str, policies: list[str] | None = None,
+                 reason: str = "", table_class: str = "") -> None:
+        self.allow = allow
+        self.action = action
+        self.resource = resource
+        self.policies = policies or []
+        self.reason = reason
+        self.table_class = table_class
+
+
+class FileDecider:
+    """fanotify.Handler for the compat backend."""
+
+    def __init__(self, group: PermissionGroup, scope: Callable[[int], int], mode: str,
+                 sink: Callable[[AuditRecord], None], protected: tuple[str, ...],
+                 cgroup_devs: set[int], oracle: Oracle | None) -> None:
+        self.group = group
+        self.scope = scope
+        self.mode = mode
+        self.sink = sink
+        self.protected = tuple(p.rstrip("/") for p in protected)
+        self.cgroup_devs = cgroup_devs
+        self.oracle = oracle
+        self.loaders = loader_identities()
+        self.syscalls = _syscall_names()
+        self.tables: DecisionTables | None = None
+        self.index: TableIndex | None = None
+        self.names: dict[int, str] = {}
+        self.ignore_marks = 0
+        # (dev, ino) -> None: inodes known not to be allow-all, so an
+        # ungoverned open of them costs an fstat, not a path lookup.
+        self._not_all: OrderedDict[tuple[int, int], None] = OrderedDict()
+        self._dedup: dict[tuple, list] = {}
+        self._dedup_lock = threading.Lock()
+
+    # --------------------------------------------------------------- tables
+
+    def set_tables(self, tables: DecisionTables) -> None:
+        """Called with the responder's lock held (no batch in flight): the
+        ignore marks of the old policy go with it."""
+        if self.tables is not None:
+            self.group.flush_ignores()
+        self.tables = tables
+        self.index = TableIndex(tables)
+        self.names = {i: n for n, i in tables.agents.items()}
+        self._not_all.clear()
+
+    def _verdict(self, agent: int, action: str, path: str, is_dir: bool) -> tuple[bool, list[str], str]:
+        """(allow, policy ids, table class) from the tables, Cedar on a miss."""
+        assert self.index is not None and self.tables is not None
+        ans = self.index.path(agent, action, path, is_dir)
+        if ans is not None:
+            v = self.tables.verdicts[ans.verdict]
+            return v.allow, self.tables.policy_ids(ans.verdict), ans.table_class
+        name = self.names.get(agent)
+        if self.oracle is None or name is None:
+            return False, [], "no table entry"
+        allow, policies = self.oracle(name, action, path, is_dir)
+        return allow, policies, "cedar"
+
+    # ---------------------------------------------------------- the handler
+
+    def decide(self, ev: PermEvent) -> bool:
+        st = os.fstat(ev.fd)
+        is_dir = stat.S_ISDIR(st.st_mode)
+        path = os.readlink(f"/proc/self/fd/{ev.fd}")
+        task = Task(ev.tid)
+        out = self._decide(ev, task, st, is_dir, path)
+        if out is None:
+            return True
+        allowed = out.allow or self.mode == "audit"
+        self._record(ev.agent, task, out, is_dir)
+        return allowed
+
+    def _decide(self, ev: PermEvent, task: Task, st: os.stat_result, is_dir: bool,
+                path: str) -> Outcome | None:
+        name = self.syscalls.get(task.syscall) if task.syscall is not None else None
+        if ev.mask & fan.FAN_OPEN_EXEC_PERM:
+            if not path.startswith("/"):
+                return Outcome(False, EXEC, path, reason="no absolute path")
+            if (st.st_dev, st.st_ino) in self.loaders:
+                # The interpreter of the program being exec'd (which the lsm
+                # backend's bprm check never sees), or a loader run directly,
+                # whose every mapping is then checked (loader mode below).
+                return self._file(ev.agent, FILE_READ, path, is_dir)
+            if st.st_nlink == 0:
+                return Outcome(False, EXEC, path, reason="exec of a file with no name (memfd, deleted)")
+            return self._file(ev.agent, EXEC, path, is_dir)
+        if name in ("execve", "execveat"):
+            # Every open inside execve is an exec open; its exec half was
+            # judged just before (or is allowed for every agent).
+            return None
+
+        write = self._open_mode(task, name)
+        action = FILE_READ if write is False else FILE_WRITE
+        if not path.startswith("/"):
+            return Outcome(False, action, path, reason="no absolute path")
+        if self._protected(path):
+            return Outcome(False, SELF_PROTECT, path, reason="leash's own files")
+        if write is not False and st.st_dev in self.cgroup_devs:
+            return Outcome(False, SELF_PROTECT, path, reason="write to a cgroup filesystem")
+        if write is None:
+            # Read-only or read-write unknown (io_uring, a core dump, an
+            # unknown syscall): judged as read-write, and read must be
+            # allowed too.
+            r = self._file(ev.agent, FILE_READ, path, is_dir)
+            w = self._file(ev.agent, FILE_WRITE, path, is_dir) if r.allow else r
+            w.reason = "open mode unknown: read and write both needed"
+            return w
+        out = self._file(ev.agent, action, path, is_dir)
+        if out.allow and not write and not is_dir and _is_elf(ev.fd) and self._loader_mode(task):
+            ex = self._file(ev.agent, EXEC, path, is_dir)
+            if not ex.allow:
+                ex.reason = "mapped by a directly run dynamic loader: needs ProcessExec"
+                return ex
+        return out
+
+    def _file(self, agent: int, action: str, path: str, is_dir: bool) -> Outcome:
+        resource = path + "/" if is_dir and not path.endswith("/") else path
+        allow, policies, cls = self._verdict(agent, action, path, is_dir)
+        return Outcome(allow, action, resource, policies, table_class=cls)
+
+    def _protected(self, path: str) -> bool:
+        """leash's own files: no governed open, whatever the policy says."""
+        return any(path == p or path.startswith(p + "/") for p in self.protected)
+
+    def _open_mode(self, task: Task, name: str | None) -> bool | None:
+        """True read-write, False read-only, None unknown."""
+        if task.flags & PF_DUMPCORE or name is None:
+            return None
+        if name == "creat":
+            return True
+        if name == "openat2":
+            raw = fan.read_user(task.tid, task.args[2], 8)
+            if raw is None:
+                return None
+            flags = struct.unpack("<Q", raw)[0]
+        elif name in _FLAGS_ARG:
+            flags = task.args[_FLAGS_ARG[name]]
+        else:
+            return None
+        return (flags & O_ACCMODE) != O_RDONLY or bool(flags & O_TRUNC)
+
+    def _loader_mode(self, task: Task) -> bool:
+        try:
+            st = os.stat(f"/proc/{task.tid}/exe")
+        except OSError:
+            return True      # cannot tell: the stricter answer
+        return (st.st_dev, st.st_ino) in self.loaders
+
+    # ------------------------------------------------- ungoverned + caching
+
+    def allowed(self, fd: int, mask: int) -> None:
+        """For an ungoverned (or allowed) open: if every agent may do every
+        kind of open of this file, stop the kernel asking about it."""
+        if self.index is None:
+            return
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            return
+        ident = (st.st_dev, st.st_ino)
+        if ident in self._not_all:
+            self._not_all.move_to_end(ident)
+            return
+        if self._allow_all(fd, st, mask):
+            if self.group.ignore_inode(fd, mask, stat.S_ISDIR(st.st_mode)):
+                self.ignore_marks += 1
+                return
+        self._not_all[ident] = None
+        if len(self._not_all) > _NEGATIVE_CACHE:
+            self._not_all.popitem(last=False)
+
+    def _allow_all(self, fd: int, st: os.stat_result, mask: int) -> bool:
+        assert self.index is not None and self.tables is not None
+        try:
+            path = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            return False
+        is_dir = stat.S_ISDIR(st.st_mode)
+        if not path.startswith("/") or self._protected(path) or st.st_dev in self.cgroup_devs:
+            return False
+        if mask & fan.FAN_OPEN_EXEC_PERM:
+            if is_dir or (st.st_dev, st.st_ino) in self.loaders:
+                return False
+            actions: tuple[str, ...] = (EXEC,)
+        elif is_dir:
+            actions = (FILE_READ, FILE_WRITE)
+        elif _is_elf(fd):
+            actions = (FILE_READ, FILE_WRITE, EXEC)   # a loader run directly would need exec
+        else:
+            actions = (FILE_READ, FILE_WRITE)
+        for agent in self.tables.agents.values():
+            for action in actions:
+                ans = self.index.path(agent, action, path, is_dir)
+                if ans is None or not self.tables.verdicts[ans.verdict].allow:
+                    return False
+        return bool(self.tables.agents)
+
+    # ------------------------------------------------------------- records
+
+    def _record(self, agent: int, task: Task, out: Outcome, is_dir: bool) -> None:
+        decision = "allow" if out.allow else "deny"
+        rec = AuditRecord(
+            time_ns=now_ns(), agent=self.names.get(agent, f"agent#{agent}"), action=out.action,
+            resource=out.resource, decision=decision, policies=out.policies, backend="compat",
+            mode=self.mode, pid=task.tgid or task.tid, ppid=task.ppid, uid=task.uid, exe=task.exe,
+            reason=out.reason, details={"tid": task.tid, "class": out.table_class} if out.table_class
+            else {"tid": task.tid})
+        if out.allow:
+            rec = self._fold(rec)
+            if rec is None:
+                return
+        self.sink(rec)
+
+    def _fold(self, rec: AuditRecord) -> AuditRecord | None:
+        """Identical allows by one process within the window become a count
+        on the next one recorded (flush() reports what is left at stop)."""
+        key = (rec.agent, rec.pid, rec.action, rec.resource)
+        now = time.monotonic_ns()
+        with self._dedup_lock:
+            slot = self._dedup.get(key)
+            if slot is not None and now - slot[0] < DEDUP_WINDOW_NS:
+                slot[1] += 1
+                slot[2] = rec
+                return None
+            if slot is not None and slot[1]:
+                rec.count += slot[1]
+            self._dedup[key] = [now, 0, rec]
+            if len(self._dedup) > 4 * _NEGATIVE_CACHE:
+                self._expire(now)
+        return rec
+
+    def _expire(self, now: int) -> None:
+        for key in [k for k, s in self._dedup.items() if now - s[0] >= DEDUP_WINDOW_NS]:
+            slot = self._dedup.pop(key)
+            if slot[1]:
+                last = slot[2]
+                last.count = slot[1]
+                self.sink(last)
+
+    def flush(self) -> None:
+        """Report the allows still folded (at stop)."""
+        with self._dedup_lock:
+            self._expire(time.monotonic_ns() + DEDUP_WINDOW_NS)
+
+    def fault(self, event: PermEvent | None, tid: int, error: BaseException) -> None:
+        agent = event.agent if event is not None else -1
+        self.sink(AuditRecord(
+            time_ns=now_ns(), agent=self.names.get(agent, "unknown" if agent < 0 else f"agent#{agent}"),
+            action="Internal", resource=f"fanotify event of thread {tid}",
+            decision="deny", backend="compat", mode=self.mode, pid=tid,
+            reason=f"internal error, refused: {type(error).__name__}: {error}"))
+
+
+def _is_elf(fd: int) -> bool:
+    try:
+        return os.pread(fd, 4, 0) == b"\x7fELF"
+    except OSError:
+        return False
