@@ -3,8 +3,9 @@
 `current()` is called before each message is decided: it compares a cheap
 signature of the directory (one stat per file, ~10 µs) with the one the
 policy was loaded from, so an edit applies to the very next message without a
-watcher thread. SIGHUP (`request_reload`) forces a reload even when the
-signature did not change. A policy that fails to load never replaces the one
+watcher thread. SIGHUP (`request_reload`) reloads at once, even when the
+signature did not change (an edit within the file system's timestamp
+granularity that kept the size). A policy that fails to load never replaces the one
 in force; the failure is reported once per distinct signature.
 """
 
@@ -31,8 +32,9 @@ class PolicySource:
         self.policy = load_policy_dir(directory)
 
     def request_reload(self) -> None:
-        """Reload before the next decision (SIGHUP)."""
+        """Reload now, even if no file looks changed (SIGHUP)."""
         self._forced = True
+        self.current()
 
     def current(self) -> LoadedPolicy:
         signature = _signature(self.directory)

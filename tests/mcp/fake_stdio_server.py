@@ -4,6 +4,7 @@ see what reached the server) and misbehaves on request, by tool name."""
 
 import json
 import sys
+import time
 
 log = open(sys.argv[1], "ab", buffering=0)
 out = sys.stdout.buffer
@@ -72,6 +73,13 @@ for line in sys.stdin.buffer:
             send({"jsonrpc": "2.0", "id": "s0", "method": "x/unknown", "params": {}})
             send({"jsonrpc": "2.0", "id": "s1", "method": "roots/list", "params": {}})
             waiting_for_roots = rid
+        elif name == "progress":
+            token = params["_meta"]["progressToken"]
+            for step in range(args["steps"]):
+                time.sleep(0.5)
+                send({"jsonrpc": "2.0", "method": "notifications/progress",
+                      "params": {"progressToken": token, "progress": step + 1}})
+            text(rid, "progressed")
         elif name == "notify":
             send({"jsonrpc": "2.0", "method": "notifications/weird", "params": {}})
             send({"jsonrpc": "2.0", "method": "notifications/message", "params": {"level": "info", "data": "hi"}})

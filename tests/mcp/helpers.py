@@ -14,8 +14,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-
 from leash.audit import AuditRecord, decode_records
 
 HERE = Path(__file__).resolve().parent
@@ -67,11 +65,6 @@ def write_policy(directory: Path, cedar: str = POLICY, toml: str | None = CONFIG
     if toml is not None:
         (directory / "leash.toml").write_text(toml)
     return directory
-
-
-@pytest.fixture
-def policy_dir(tmp_path: Path) -> Path:
-    return write_policy(tmp_path / "policy")
 
 
 def gateway_args(policy: Path, audit: Path, *extra: str, agent: str = "claude") -> list[str]:

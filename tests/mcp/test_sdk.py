@@ -14,7 +14,7 @@ import pytest
 from mcp import Client, MCPError, StdioServerParameters
 
 from leash.mcp.jsonrpc import POLICY_REFUSED
-from tests.mcp.conftest import (CONFIG, ENV, POLICY, SERVER_APP, VISIBLE, records, start_http_server,
+from tests.mcp.helpers import (CONFIG, ENV, POLICY, SERVER_APP, VISIBLE, records, start_http_server,
                                 start_proxy, stop, write_policy)
 
 TRANSPORTS = ["stdio", "http-json", "http-sse"]
