@@ -1,0 +1,39 @@
+"""`leash --policy DIR -- CMD` end to end with the lsm backend, as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from harness import LT, POLICY, make_world, write_policy
+from leash.audit import decode_records
+
+
+def leash(tmp_path, *args, mode="enforce"):
+    policy, log = str(tmp_path / "policy"), str(tmp_path / "audit.jsonl")
+    write_policy(policy, POLICY)
+    proc = subprocess.run([sys.executable, "-m", "leash", "--policy", policy, "--agent", "bot",
+                           "--backend", "lsm", "--mode", mode, "--audit", log, "--", *args],
+                          capture_output=True, text=True, cwd=os.getcwd(), timeout=300)
+    with open(log, "rb") as f:
+        return proc, decode_records(f.read())
+
+
+def test_run_refuses_records_and_keeps_exit_status(tmp_path):
+    make_world()
+    proc, recs = leash(tmp_path, "/bin/sh", "-c", f"cat {LT}/w/ok.txt && cat {LT}/w/secrets/s.txt; exit 7")
+    assert proc.returncode == 7, proc.stderr
+    assert proc.stdout == "ok"
+    assert "Permission denied" in proc.stderr
+    deny = [r for r in recs if r.decision == "deny" and r.resource == f"{LT}/w/secrets/s.txt"]
+    assert deny and deny[0].policies == ["no-secrets"] and deny[0].backend == "lsm"
+    assert any(r.decision == "allow" and r.resource == f"{LT}/w/ok.txt" for r in recs)
+
+
+def test_run_audit_mode(tmp_path):
+    make_world()
+    proc, recs = leash(tmp_path, "/bin/cat", f"{LT}/w/secrets/s.txt", mode="audit")
+    assert proc.returncode == 0 and proc.stdout == "secret", proc.stderr
+    deny = [r for r in recs if r.decision == "deny" and r.resource == f"{LT}/w/secrets/s.txt"]
+    assert deny and deny[0].mode == "audit"
