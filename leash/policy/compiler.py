@@ -31,7 +31,7 @@ from cedarpy import pst
 
 from leash.policy import requests as rq
 from leash.policy.fragment import PolicyAtoms, analyze
-from leash.policy.loader import LoadedPolicy, applies_to
+from leash.policy.loader import LoadedPolicy, split_host_port
 from leash.policy.source import Diagnostic
 from leash.policy.tables import (CONNECT, EXEC, FILE_READ, FILE_WRITE, AddrRule,
                                  DecisionTables, NameRule, NetClass, PathClass,
@@ -51,10 +51,13 @@ class CompileError(Exception):
 # ---------------------------------------------------------------- applicability
 
 class _Constraint(msgspec.Struct, frozen=True):
-    """`var in/== one of entities`: must hold for the policy to be satisfied."""
-    var: str                           # "principal" | "resource" | "action"
-    op: str                            # "in" | "eq" | "is"
-    entities: tuple[tuple[str, str], ...]   # (type, id); for "is": ((type, ""),)
+    """A top-level requirement of a policy (scope, or a `when` conjunct): the
+    policy cannot be satisfied unless it holds."""
+    var: str                           # "principal" | "resource" | "context"
+    op: str                            # "in" | "eq" | "is" | "ip" | "has"
+    entities: tuple = ()               # (type, id) uids; for "is": ((type, ""),)
+    ranges: tuple = ()                 # "ip": (version, low, high) integer ranges
+    attr: str = ""                     # "has": the context attribute
 
 
 def _uid(e: pst.EntityUid) -> tuple[str, str]:
@@ -81,10 +84,31 @@ def _conjuncts(expr) -> list:
     return [expr]
 
 
+def _ip_range(node) -> tuple[int, int, int] | None:
+    """Cedar's own reading of an ip("...") literal (no IPv4-mapped folding:
+    Cedar never finds an IPv4 address inside an IPv6 range)."""
+    if isinstance(node, pst.UnaryOp) and node.op == "ip" and isinstance(node.arg, pst.StringLit):
+        try:
+            net = ipaddress.ip_network(node.arg.value, strict=False)
+        except ValueError:
+            return None
+        return net.version, int(net.network_address), int(net.broadcast_address)
+    return None
+
+
 def _condition_constraint(expr) -> _Constraint | None:
-    if not isinstance(expr, pst.BinaryOp) or expr.op not in ("in", "eq"):
+    if isinstance(expr, pst.HasAttr) and isinstance(expr.base, pst.Var) \
+            and expr.base.name == "context" and len(expr.attrs) == 1:
+        return _Constraint("context", "has", attr=expr.attrs[0])
+    if not isinstance(expr, pst.BinaryOp):
         return None
     left, right = expr.left, expr.right
+    is_ip = isinstance(left, pst.GetAttr) and left.attr == "ip" and isinstance(left.base, pst.Var) \
+        and left.base.name == "context"
+    if is_ip and expr.op in ("is_in_range", "eq") and _ip_range(right) is not None:
+        return _Constraint("context", "ip", ranges=(_ip_range(right),))
+    if expr.op not in ("in", "eq"):
+        return None
     if expr.op == "eq" and isinstance(left, pst.EntityLit) and isinstance(right, pst.Var):
         left, right = right, left
     if not (isinstance(left, pst.Var) and left.name in ("principal", "resource")):
@@ -100,10 +124,16 @@ class _Subject(msgspec.Struct, frozen=True):
     uid: tuple[str, str]
     ancestors: frozenset               # uids it is `in`, itself included
     maybe: frozenset = frozenset()     # Host keys whose "key:port" uids it may be (port open)
+    ip: tuple[int, int] | None = None  # (version, address) of a network class
+    context: frozenset = frozenset()   # context attributes the request carries
 
 
 def _holds(c: _Constraint, s: _Subject) -> bool:
     """False only when the constraint definitely fails for the subject."""
+    if c.op == "has":
+        return c.attr in s.context
+    if c.op == "ip":                   # no ip: Cedar errors, the policy is not satisfied
+        return s.ip is not None and any(v == s.ip[0] and lo <= s.ip[1] <= hi for v, lo, hi in c.ranges)
     if c.op == "is":
         return c.entities[0][0] == s.uid[0]
     for e in c.entities:
@@ -136,45 +166,49 @@ def _candidate(index: int, template, atoms: PolicyAtoms) -> _Candidate:
 
 
 class _Index:
-    """Candidates by the resource uids they are anchored to, so a class only
-    looks at policies that name one of its ancestors (or name none)."""
+    """The candidates of one action by the resource uids they are anchored
+    to, so a class only looks at policies that name one of its ancestors;
+    principal constraints are checked once per agent column (`for_column`)."""
 
-    def __init__(self, candidates: list[_Candidate]) -> None:
-        self.unanchored: list[_Candidate] = []
-        self.by_anchor: dict[tuple[str, str], list[_Candidate]] = defaultdict(list)
+    def __init__(self, candidates: list[_Candidate], action: str) -> None:
+        self.unanchored: list[tuple[int, tuple]] = []
+        self.by_anchor: dict[tuple[str, str], list[tuple[int, tuple]]] = defaultdict(list)
+        self._principal: dict[int, tuple] = {}
         for c in candidates:
-            anchors = [con for con in c.constraints if con.var == "resource" and con.op != "is"]
-            if not anchors:
-                self.unanchored.append(c)
+            if action not in c.actions:
                 continue
-            # Any one anchoring constraint will do; take the narrowest.
+            self._principal[c.index] = tuple(con for con in c.constraints if con.var == "principal")
+            rest = tuple(con for con in c.constraints if con.var != "principal")
+            anchors = [con for con in rest if con.var == "resource" and con.op in ("in", "eq")]
+            if not anchors:
+                self.unanchored.append((c.index, rest))
+                continue
             best = min(anchors, key=lambda con: len(con.entities))
             for e in best.entities:
-                self.by_anchor[_anchor_key(e)].append(c)
+                self.by_anchor[_anchor_key(e)].append((c.index, rest))
 
-    def applicable(self, action: str, principal: _Subject, resource: _Subject) -> list[int]:
+    def for_column(self, principal: _Subject) -> frozenset[int]:
+        """The candidates whose principal constraints this column meets."""
+        return frozenset(i for i, cons in self._principal.items()
+                         if all(_holds(con, principal) for con in cons))
+
+    def applicable(self, resource: _Subject) -> tuple[int, ...]:
         seen: set[int] = set()
         out: list[int] = []
         pools = [self.unanchored] + [self.by_anchor.get(_anchor_key(a), ())
                                      for a in resource.ancestors | resource.maybe]
         for pool in pools:
-            for c in pool:
-                if c.index in seen:
-                    continue
-                seen.add(c.index)
-                if action not in c.actions:
-                    continue
-                if all(_holds(con, principal if con.var == "principal" else resource)
-                       for con in c.constraints):
-                    out.append(c.index)
-        out.sort()
-        return out
+            for index, constraints in pool:
+                if index not in seen:
+                    seen.add(index)
+                    if all(_holds(con, resource) for con in constraints):
+                        out.append(index)
+        return tuple(sorted(out))
 
 
 def _anchor_key(e: tuple[str, str]) -> tuple[str, str]:
     """Host "x:443" is indexed under "x", where a port-agnostic class finds it."""
     if e[0] == "Host":
-        from leash.policy.loader import split_host_port
         parsed = split_host_port(e[1])
         if not isinstance(parsed, str) and parsed[1] is not None:
             return "Host", parsed[0]
@@ -192,6 +226,7 @@ class _Evaluator:
         self.verdicts: list[Verdict] = []
         self._verdict_ids: dict[Verdict, int] = {}
         self._pending: dict[tuple[int, ...], list[tuple[rq.Request, list, int]]] = defaultdict(list)
+        self._hints: dict[tuple[int, ...], tuple[int, ...]] = {}
         self._entities: dict[str, dict] = {}
         self.deny_none = self.intern(Verdict(False, ()))
         self.cedar_requests = 0
@@ -203,30 +238,50 @@ class _Evaluator:
             self.verdicts.append(v)
         return vid
 
-    def ask(self, applicable: list[int], request: rq.Request, sink: list, slot: int) -> None:
-        """Arrange for sink[slot] to receive the verdict id."""
+    def ask(self, applicable: tuple[int, ...], request: rq.Request, sink: list, slot: int,
+            hint: tuple[int, ...] | None = None) -> None:
+        """Arrange for sink[slot] to receive the verdict id. `hint`: the policy
+        subset of an enclosing class, likely contained in this one."""
         if not applicable:
             sink[slot] = self.deny_none
             return
         for e in request.entities:
             self._entities.setdefault(json.dumps(e["uid"], sort_keys=True), e)
-        self._pending[tuple(applicable)].append((request, sink, slot))
+        self._pending[applicable].append((request, sink, slot))
+        if hint:
+            self._hints.setdefault(applicable, hint)
+
+    def _policy_set(self, subset: tuple[int, ...], built: dict) -> "cedarpy.PolicySet":
+        """Building a PolicySet costs ~20 µs a policy; cloning one and adding a
+        few policies costs ~0.2 ms. Classes nest, so most subsets are an
+        enclosing class's subset plus a few policies."""
+        hint = self._hints.get(subset)
+        if hint in built and set(hint) <= set(subset):
+            extra = sorted(set(subset) - set(hint))
+            if not extra:
+                return built[hint]
+            if len(extra) < len(subset) // 2:
+                return built[hint].with_added_str("\n".join(self.policy.sources[i].text for i in extra))
+        return cedarpy.PolicySet.from_pst(pst.PolicySet(
+            templates={}, static_policies={self.policy.sources[i].info.id: self.templates[i] for i in subset},
+            template_links=()))
 
     def run(self) -> None:
         base = self.policy.entities_for(rq.Request({}, {}, {}, {}, []))
         ents = {json.dumps(e["uid"], sort_keys=True): e for e in base}
         ents.update(self._entities)
         handle = cedarpy.Entities.from_json_str(json.dumps(list(ents.values())))
-        ids = [s.info.id for s in self.policy.sources]
-        index_of = {pid: i for i, pid in enumerate(ids)}
+        index_of = {s.info.id: i for i, s in enumerate(self.policy.sources)}
+        built: dict[tuple[int, ...], cedarpy.PolicySet] = {}
         for subset, items in self._pending.items():
-            policy_set = cedarpy.PolicySet.from_pst(pst.PolicySet(
-                templates={}, static_policies={ids[i]: self.templates[i] for i in subset},
-                template_links=()))
+            policy_set = built[subset] = self._policy_set(subset, built)
             results = cedarpy.is_authorized_batch([r.cedar() for r, _, _ in items], policy_set, handle)
             self.cedar_requests += len(items)
             for (_, sink, slot), res in zip(items, results):
-                reasons = tuple(sorted(index_of[p] for p in res.diagnostics.reasons))
+                # Policies added by with_added_str get positional ids; their
+                # @id annotation (every policy text carries one) is ours.
+                names = res.diagnostics.id_annotations_by_reason
+                reasons = tuple(sorted(index_of[names.get(p, p)] for p in res.diagnostics.reasons))
                 sink[slot] = self.intern(Verdict(res.allowed, reasons))
         self._pending.clear()
 
@@ -257,6 +312,21 @@ def _path_keys(atoms: list[PolicyAtoms]) -> list[_PathKey]:
     keys = [_PathKey(p, False, "") for p in sorted(prefixes)]
     keys += [_PathKey(path, True, kind) for kind, path in sorted(exacts)]
     return keys
+
+
+def _enclosing_prefix(key: _PathKey, prefix_index: dict[str, int]) -> int | None:
+    """The key of the nearest distinguished directory enclosing `key` (for an
+    exact directory, its own prefix class)."""
+    if key.exact and key.path in prefix_index:
+        return prefix_index[key.path]
+    path = key.path if key.exact else key.path[:-1]
+    while path:
+        path = path[:path.rfind("/", 0, len(path) - (1 if path.endswith("/") else 0)) + 1]
+        if path in prefix_index and (key.exact or path != key.path):
+            return prefix_index[path]
+        if path == "/":
+            break
+    return None
 
 
 def _file_subject(path: str, is_dir: bool) -> _Subject:
@@ -334,7 +404,6 @@ def compile_tables(policy: LoadedPolicy, agent_ids: dict[str, int] | None = None
     all_atoms = [c.atoms for c in candidates]
     principals = set().union(*(a.principals for a in all_atoms)) if all_atoms else set()
     ids = _agent_ids(policy, agent_ids, {pid for kind, pid in principals if kind == "Agent"})
-    index = _Index(candidates)
     by_index = {c.index: c for c in candidates}
     ev = _Evaluator(policy)
 
@@ -355,6 +424,15 @@ def compile_tables(policy: LoadedPolicy, agent_ids: dict[str, int] | None = None
         anc = frozenset({("Agent", name)} | {("AgentGroup", g) for g in groups})
         return _Subject(("Agent", name), anc)
 
+    indexes = {action: _Index(candidates, action) for action in (FILE_READ, FILE_WRITE, EXEC, CONNECT)}
+    column_ok = {(ci, action): indexes[action].for_column(principal_subject(name))
+                 for ci, (name, _, _) in enumerate(column_list) for action in indexes}
+
+    def applicable(resource: _Subject, action: str) -> dict[int, tuple[int, ...]]:
+        """Per column, the policies that may apply to this class."""
+        found = indexes[action].applicable(resource)
+        return {ci: tuple(i for i in found if i in column_ok[(ci, action)])
+                for ci in range(len(column_list))}
     type_sensitive = any(a.type_sensitive for a in all_atoms)
     keys = _path_keys(all_atoms)
     exact_set = {k.path for k in keys if k.exact}
@@ -362,6 +440,8 @@ def compile_tables(policy: LoadedPolicy, agent_ids: dict[str, int] | None = None
     # Path classes: rows[(column, key)] = 5 verdict slots.
     path_slots: dict[tuple[int, int], list] = {}
     path_reps: dict[int, str] = {}
+    prefix_index = {k.path: i for i, k in enumerate(keys) if not k.exact}
+    subsets: dict[tuple, tuple[int, ...]] = {}     # (column, action, is_dir, key) -> policies
     for ki, key in enumerate(keys):
         if key.exact:
             reps = {key.kind == "Dir": key.path}
@@ -369,19 +449,21 @@ def compile_tables(policy: LoadedPolicy, agent_ids: dict[str, int] | None = None
             child = _unique_label(exact_set, lambda s, k=key: k.path + s)
             reps = {False: child, True: child + "/"}
         path_reps[ki] = reps.get(False) or reps[True]
-        for ci, (name, groups, _) in enumerate(column_list):
-            psub = principal_subject(name)
-            slots: list = [-1] * 5     # read_file, write_file, exec, read_dir, write_dir
-            for is_dir, path in reps.items():
-                if is_dir and not key.exact and not type_sensitive:
-                    continue            # filled from the file verdicts below
-                rsub = _file_subject(path, is_dir)
-                actions = (FILE_READ, FILE_WRITE) if is_dir else _FILE_ACTIONS
-                for action in actions:
-                    slot = (3 if is_dir else 0) + _FILE_ACTIONS.index(action)
-                    req = rq.file_request(name, groups, action, path, is_dir)
-                    ev.ask(index.applicable(action, psub, rsub), req, slots, slot)
-            path_slots[(ci, ki)] = slots
+        parent = _enclosing_prefix(key, prefix_index)
+        for ci in range(len(column_list)):
+            path_slots[(ci, ki)] = [-1] * 5     # read_file, write_file, exec, read_dir, write_dir
+        for is_dir, path in reps.items():
+            if is_dir and not key.exact and not type_sensitive:
+                continue                # filled from the file verdicts below
+            rsub = _file_subject(path, is_dir)
+            for action in (FILE_READ, FILE_WRITE) if is_dir else _FILE_ACTIONS:
+                slot = (3 if is_dir else 0) + _FILE_ACTIONS.index(action)
+                for ci, found in applicable(rsub, action).items():
+                    name, groups, _ = column_list[ci]
+                    subsets[(ci, action, is_dir, ki)] = found
+                    hint = subsets.get((ci, action, is_dir, parent)) or subsets.get((ci, action, False, parent))
+                    ev.ask(found, rq.file_request(name, groups, action, path, is_dir),
+                           path_slots[(ci, ki)], slot, hint)
 
     # Network classes per column: (kind, key) -> representative.
     cidrs = set().union(*(a.cidrs for a in all_atoms)) if all_atoms else set()
@@ -390,25 +472,31 @@ def compile_tables(policy: LoadedPolicy, agent_ids: dict[str, int] | None = None
     net_keys: list[tuple[str, str, str | None, str | None]] = []   # (kind, key, host, ip)
     for cidr, rep in _ip_classes(cidrs):
         net_keys.append(("addr", cidr, None, rep))
+    net_keys.append(("name", "", _unique_label(names, lambda s: s), None))
     for n in sorted(names):
         net_keys.append(("name", n, n, None))
     for z in sorted(zones):
         net_keys.append(("name", z, _unique_label(names, lambda s, z=z: f"{s}.{z[2:]}"), None))
-    net_keys.append(("name", "", _unique_label(names, lambda s: s), None))
 
     net_slots: dict[tuple[int, int], list[tuple[int, int, list]]] = {}
+    roots: dict[tuple[int, str], tuple[int, ...]] = {}  # first (root) class of each family: a hint
     for ni, (kind, key, host, ip) in enumerate(net_keys):
+        family = kind if kind == "name" else key.count(":") and "v6" or "v4"
         _, res_entity = rq.host_resource(host, ip, 0)
         anc = {(p["type"], p["id"]) for p in res_entity["parents"] if not p["id"].endswith(":0")}
         maybe = {("Host", key)} if kind == "name" and key and not key.startswith("*.") else set()
         if ip:
             maybe.add(("Host", ip))
-        rsub = _Subject(("Host", "?"), frozenset(anc), frozenset(maybe))
-        for ci, (name, groups, _) in enumerate(column_list):
-            applicable = index.applicable(CONNECT, principal_subject(name), rsub)
+        addr = ipaddress.ip_address(ip) if ip else None
+        rsub = _Subject(("Host", "?"), frozenset(anc), frozenset(maybe),
+                        ip=(addr.version, int(addr)) if addr else None,
+                        context=frozenset(["port", "protocol", "ip" if ip else "hostname"]))
+        for ci, found in applicable(rsub, CONNECT).items():
+            name, groups, _ = column_list[ci]
+            hint = roots.setdefault((ci, family), found)
             cuts: set[int] = set()
             protocols = ["tcp"]
-            for i in applicable:
+            for i in found:
                 cuts |= by_index[i].atoms.ports
                 if by_index[i].atoms.reads_protocol:
                     protocols = ["tcp", "udp"]
@@ -417,7 +505,7 @@ def compile_tables(policy: LoadedPolicy, agent_ids: dict[str, int] | None = None
                 slots: list = [-1, -1]
                 for pi, proto in enumerate(protocols):
                     req = rq.net_request(name, groups, host, ip, lo, proto)
-                    ev.ask(applicable, req, slots, pi)
+                    ev.ask(found, req, slots, pi, hint)
                 intervals.append((lo, hi, slots))
             net_slots[(ci, ni)] = intervals
 

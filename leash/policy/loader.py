@@ -53,7 +53,7 @@ class SourcePolicy(msgspec.Struct, frozen=True):
     info: PolicyInfo
     column: int
     template: object                    # cedarpy.pst.Template (rewritten, id set)
-    text: str                           # Cedar text after rewrites
+    text: str                           # Cedar text after rewrites, with @id
     tokens: tuple[SourceToken, ...]     # for pointing at a construct in errors
 
     def position_of(self, near: str) -> tuple[int, int]:
@@ -434,9 +434,27 @@ def _check_ids(template, stmt: Statement, fc: _FileContext, diags: list[Diagnost
             diags.append(fc.diag(_find_string_token(stmt, uid_.id), why))
 
 
+def cedar_string(value: str) -> str:
+    """A Cedar string literal."""
+    out = []
+    for ch in value:
+        if ch in ('"', "\\"):
+            out.append("\\" + ch)
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{{{ord(ch):x}}}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
 def _policy_text(template) -> str:
-    return str(cedarpy.PolicySet.from_pst(pst.PolicySet(
+    """Cedar text of one policy, always carrying @id with leash's id, so the
+    id survives sets built from text (where Cedar numbers policies itself)."""
+    text = str(cedarpy.PolicySet.from_pst(pst.PolicySet(
         templates={}, static_policies={template.id: template}, template_links=())))
+    if "id" not in template.annotations:
+        text = f"@id({cedar_string(template.id)})\n{text}"
+    return text
 
 
 def load_policy_dir(directory: str) -> LoadedPolicy:
