@@ -529,6 +529,9 @@ def load_policy_dir(directory: str) -> LoadedPolicy:
             tokens = tuple(SourceToken(t.text, *fc.lines.position(t.start)) for t in stmt.tokens)
             sources.append(SourcePolicy(info, stmt.column, template, "", tokens))
 
+    if not sources and not diags:
+        diags.append(Diagnostic(directory, 0, 0, "no policies in the *.cedar files (an empty policy set "
+                                "would refuse everything; write that as an explicit forbid)"))
     mcp_templates = [s.template for s in sources
                      if (a := applies_to(s.template)) is None or MCP_CALL in a]
     types, conflicts = argument_types(mcp_templates)

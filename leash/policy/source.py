@@ -23,7 +23,8 @@ class Diagnostic(msgspec.Struct, frozen=True):
     severity: str = "error"            # "error" | "warning"
 
     def __str__(self) -> str:
-        return f"{self.file}:{self.line}:{self.column}: {self.severity}: {self.message}"
+        where = f"{self.file}:{self.line}:{self.column}" if self.line else self.file
+        return f"{where}: {self.severity}: {self.message}"
 
 
 class Token(msgspec.Struct, frozen=True):
