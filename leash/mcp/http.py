@@ -324,12 +324,12 @@ class Proxy:
                 answer = session.from_server(body)
                 frames += answer.to_client
                 self._side_post(answer.to_server, head)
-        elif body or status >= 400:
-            frames += session.fail(session.pending(routed.forwarded),
-                                   f"the MCP server answered HTTP {status} without a JSON-RPC body").to_client
+        unusable = ""
+        if body and ctype != "application/json" or not body and status >= 400:
+            unusable = f"the MCP server answered HTTP {status} without a JSON-RPC body"
         left = session.pending(routed.forwarded)
         if left:
-            frames += session.fail(left, "the MCP server's answer left this request unanswered").to_client
+            frames += session.fail(left, unusable or "the MCP server's answer left this request unanswered").to_client
             status = 502 if status < 300 else status
         if not frames:
             await _reply(writer, status, passed, b"")
