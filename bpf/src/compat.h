@@ -24,6 +24,17 @@ struct {
 } compat_tids SEC(".maps");
 
 /*
+ * Governed threads that have exited, for the rename/link watcher: its
+ * notices arrive after the fact, often after `mv` or `ln` is gone.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u32);
+	__type(value, __u32);
+} compat_gone SEC(".maps");
+
+/*
  * Superblocks (kernel dev_t, major << 20 | minor) carrying a fanotify
  * permission mark. An exec of a file anywhere else (a memfd, a filesystem
  * mounted after the marks) was never seen by the responder.

@@ -100,7 +100,11 @@ SEC("tp_btf/sched_process_exit")
 int BPF_PROG(compat_exit, struct task_struct *p)
 {
 	__u32 tid = p->pid;
+	__u32 *a = bpf_map_lookup_elem(&compat_tids, &tid);
 
+	if (!a)
+		return 0;
+	bpf_map_update_elem(&compat_gone, &tid, a, BPF_ANY);
 	bpf_map_delete_elem(&compat_tids, &tid);
 	return 0;
 }

@@ -31,6 +31,7 @@ from leash.audit import AuditRecord, now_ns
 from leash.kernel import cgroup, libbpf, objects
 from leash.kernel import fanotify as fan
 from leash.kernel.compat_files import FileDecider, Oracle
+from leash.kernel.compat_moves import MoveWatcher
 from leash.kernel.lsm import PIN_ROOT, LsmBackend, default_protected, mount_bpffs, remove_stale_pins
 from leash.policy.tables import DecisionTables
 
@@ -144,16 +145,22 @@ class CompatBackend(LsmBackend):
     name = "compat"
 
     def __init__(self, protected_paths: Iterable[str] = (), pin_root: str | None = PIN_ROOT,
-                 oracle: Oracle | None = None) -> None:
+                 oracle: Oracle | None = None, cache_allows: bool = True) -> None:
+        """`cache_allows`: once a file may be opened in every way by every
+        agent, let the kernel stop asking about it (fanotify ignore marks).
+        Ungoverned processes then pay nothing for it, and governed opens of
+        it are no longer recorded (docs/compat.md)."""
         super().__init__((), pin_root)
         # No leash_protect map here: leash's own files are guarded by the
         # fanotify responder instead.
         self.protected = []
         self.file_protected = [os.path.realpath(p) for p in (*default_protected(), *protected_paths)]
         self.oracle = oracle
+        self.cache_allows = cache_allows
         self.group: fan.PermissionGroup | None = None
         self.responder: fan.Responder | None = None
         self.decider: FileDecider | None = None
+        self.moves: MoveWatcher | None = None
         self.marked: list[Mount] = []
         self._records: queue.SimpleQueue = queue.SimpleQueue()
         self._recorder: threading.Thread | None = None
@@ -196,8 +203,18 @@ class CompatBackend(LsmBackend):
             if m.fstype in CGROUP_TYPES:
                 cgroup_devs.add(m.user_dev)
         self.decider = FileDecider(self.group, _Scope(self._maps["compat_tids"].fd), mode,
-                                   self._submit, tuple(self.file_protected), cgroup_devs, self.oracle)
+                                   self._submit, tuple(self.file_protected), cgroup_devs, self.oracle,
+                                   self.cache_allows)
         self.decider.set_tables(tables)
+        try:
+            notify = fan.NotifyGroup()
+        except fan.FanotifyError as e:
+            raise CompatUnavailable(f"fanotify cannot report file handles here ({os.strerror(e.errno)}): "
+                                    "links and renames by agents could not be followed") from None
+        live, gone = _Scope(self._maps["compat_tids"].fd), _Scope(self._maps["compat_gone"].fd)
+        self.moves = MoveWatcher(notify, lambda tid: live(tid) or gone(tid), self.decider.may_copy,
+                                 self.decider.rw_marked, self.decider.tainted, self.decider.unignore)
+        self.decider.moves = self.moves
         # Answer from the first marked event on: a mark without a responder
         # would hold every open on that filesystem.
         self.responder = fan.Responder(self.group, self.decider)
@@ -249,6 +266,9 @@ class CompatBackend(LsmBackend):
         if self.group is not None:
             self.group.close()        # the kernel allows anything still pending
             self.group = None
+        if self.moves is not None:
+            self.moves.close()
+            self.moves = None
         if self.decider is not None:
             self.decider.flush()
         super().stop()
@@ -296,27 +316,35 @@ class CompatBackend(LsmBackend):
     # ------------------------------------------------------------- marks
 
     def _note_marked(self, mounts: Iterable[Mount]) -> None:
+        assert self.moves is not None
         fs = self._maps["compat_fs"]
         for m in mounts:
             fs.update(struct.pack("<I", m.dev), struct.pack("<I", 1))
+            self.moves.watch(m.path)
 
     def _watch_mounts(self) -> None:
-        """Mark filesystems mounted after start. Until marked (a moment), opens
-        there are not seen; governed execs from them are killed meanwhile."""
+        """Mark filesystems mounted after start (until marked, a moment, opens
+        there are not seen; governed execs from them are killed meanwhile),
+        and keep the link/rename queue short while no governed open drains it."""
+        assert self.moves is not None
         with open("/proc/self/mountinfo", "rb") as f:
             poller = select.poll()
             poller.register(f.fileno(), select.POLLPRI | select.POLLERR)
             poller.register(self._watch_stop_r, select.POLLIN)
+            poller.register(self.moves.group.fd, select.POLLIN)
             while True:
                 ready = dict(poller.poll())
                 if self._watch_stop_r in ready:
                     return
-                f.seek(0)
-                f.read()
                 try:
-                    self._mark_new()
+                    if self.moves.group.fd in ready:
+                        self.moves.drain()
+                    if f.fileno() in ready:
+                        f.seek(0)
+                        f.read()
+                        self._mark_new()
                 except Exception as e:   # noqa: BLE001 - keep watching, say why
-                    self._internal(f"mount watcher: {type(e).__name__}: {e}")
+                    self._internal(f"compat watcher: {type(e).__name__}: {e}")
 
     def _mark_new(self) -> None:
         assert self.group is not None

@@ -26,6 +26,7 @@ from typing import Callable
 
 from leash.audit import AuditRecord, now_ns
 from leash.kernel import fanotify as fan
+from leash.kernel.compat_moves import MoveWatcher, Taint
 from leash.kernel.fanotify import PermEvent, PermissionGroup
 from leash.policy.tables import EXEC, FILE_READ, FILE_WRITE, DecisionTables, TableIndex
 
@@ -50,6 +51,7 @@ _LOADER_GLOBS = ("/lib*/ld-linux*.so*", "/usr/lib*/ld-linux*.so*", "/lib/*/ld-li
 # Identical allows folded within this window (as the kernel side does).
 DEDUP_WINDOW_NS = 1_000_000_000
 _NEGATIVE_CACHE = 65536
+_RW_MARKS = 65536
 
 Oracle = Callable[[str, str, str, bool], tuple[bool, list[str]]]
 
@@ -120,7 +122,7 @@ class FileDecider:
 
     def __init__(self, group: PermissionGroup, scope: Callable[[int], int], mode: str,
                  sink: Callable[[AuditRecord], None], protected: tuple[str, ...],
-                 cgroup_devs: set[int], oracle: Oracle | None) -> None:
+                 cgroup_devs: set[int], oracle: Oracle | None, cache_allows: bool = True) -> None:
         self.group = group
         self.scope = scope
         self.mode = mode
@@ -128,12 +130,17 @@ class FileDecider:
         self.protected = tuple(p.rstrip("/") for p in protected)
         self.cgroup_devs = cgroup_devs
         self.oracle = oracle
+        self.cache_allows = cache_allows
         self.loaders = loader_identities()
         self.syscalls = _syscall_names()
         self.tables: DecisionTables | None = None
         self.index: TableIndex | None = None
         self.names: dict[int, str] = {}
         self.ignore_marks = 0
+        self.moves: MoveWatcher | None = None
+        # (agent, dev, file handle): files an agent opened where it may both
+        # read and write them; linking or renaming those gains it nothing.
+        self._rw: OrderedDict[tuple[int, int, bytes], None] = OrderedDict()
         # (dev, ino) -> None: inodes known not to be allow-all, so an
         # ungoverned open of them costs an fstat, not a path lookup.
         self._not_all: OrderedDict[tuple[int, int], None] = OrderedDict()
@@ -151,6 +158,7 @@ class FileDecider:
         self.index = TableIndex(tables)
         self.names = {i: n for n, i in tables.agents.items()}
         self._not_all.clear()
+        self._rw.clear()
 
     def _verdict(self, agent: int, action: str, path: str, is_dir: bool) -> tuple[bool, list[str], str]:
         """(allow, policy ids, table class) from the tables, Cedar on a miss."""
@@ -168,6 +176,8 @@ class FileDecider:
     # ---------------------------------------------------------- the handler
 
     def decide(self, ev: PermEvent) -> bool:
+        if self.moves is not None:
+            self.moves.drain()
         st = os.fstat(ev.fd)
         is_dir = stat.S_ISDIR(st.st_mode)
         path = os.readlink(f"/proc/self/fd/{ev.fd}")
@@ -175,6 +185,12 @@ class FileDecider:
         out = self._decide(ev, task, st, is_dir, path)
         if out is None:
             return True
+        if out.allow and self.moves is not None:
+            taint = self.moves.check(ev.fd, st, path)
+            if taint is not None:
+                out = Outcome(False, out.action, out.resource, reason=_taint_reason(taint))
+        if out.allow and stat.S_ISREG(st.st_mode) and out.action in (FILE_READ, FILE_WRITE):
+            self._note_rw(ev.agent, ev.fd, st, path)
         allowed = out.allow or self.mode == "audit"
         self._record(ev.agent, task, out, is_dir)
         return allowed
@@ -227,6 +243,42 @@ class FileDecider:
         allow, policies, cls = self._verdict(agent, action, path, is_dir)
         return Outcome(allow, action, resource, policies, table_class=cls)
 
+    def _may(self, agent: int, path: str, is_dir: bool, actions: tuple[str, ...]) -> bool:
+        assert self.index is not None and self.tables is not None
+        for action in actions:
+            ans = self.index.path(agent, action, path, is_dir)
+            if ans is None or not self.tables.verdicts[ans.verdict].allow:
+                return False
+        return True
+
+    def _note_rw(self, agent: int, fd: int, st: os.stat_result, path: str) -> None:
+        if not self._may(agent, path, False, (FILE_READ, FILE_WRITE)):
+            return
+        handle = fan.handle_of(fd)
+        if handle is None:
+            return
+        key = (agent, st.st_dev, handle)
+        self._rw[key] = None
+        self._rw.move_to_end(key)
+        if len(self._rw) > _RW_MARKS:
+            self._rw.popitem(last=False)
+
+    def rw_marked(self, agent: int, dev: int, handle: bytes) -> bool:
+        return (agent, dev, handle) in self._rw
+
+    def may_copy(self, agent: int, path: str, is_dir: bool) -> bool:
+        """Could the agent read and write this file (every file and directory
+        of this subtree) where it was? Then moving it gains it nothing."""
+        if not is_dir:
+            return self._may(agent, path, False, (FILE_READ, FILE_WRITE))
+        assert self.tables is not None
+        top = path.rstrip("/") + "/"
+        if any(r.agent == agent and r.path.startswith(top) and r.path != top
+               for r in self.tables.path_rules):
+            return False       # a differently treated path inside
+        return (self._may(agent, top, True, (FILE_READ, FILE_WRITE))
+                and self._may(agent, top + "x", False, (FILE_READ, FILE_WRITE)))
+
     def _protected(self, path: str) -> bool:
         """leash's own files: no governed open, whatever the policy says."""
         return any(path == p or path.startswith(p + "/") for p in self.protected)
@@ -260,7 +312,7 @@ class FileDecider:
     def allowed(self, fd: int, mask: int) -> None:
         """For an ungoverned (or allowed) open: if every agent may do every
         kind of open of this file, stop the kernel asking about it."""
-        if self.index is None:
+        if self.index is None or not self.cache_allows:
             return
         try:
             st = os.fstat(fd)
@@ -297,12 +349,11 @@ class FileDecider:
             actions = (FILE_READ, FILE_WRITE, EXEC)   # a loader run directly would need exec
         else:
             actions = (FILE_READ, FILE_WRITE)
-        for agent in self.tables.agents.values():
-            for action in actions:
-                ans = self.index.path(agent, action, path, is_dir)
-                if ans is None or not self.tables.verdicts[ans.verdict].allow:
-                    return False
-        return bool(self.tables.agents)
+        if not self.tables.agents or not all(self._may(a, path, is_dir, actions)
+                                             for a in self.tables.agents.values()):
+            return False
+        # A tainted file stays asked about: its taint is checked per open.
+        return self.moves is None or self.moves.check(fd, st, path) is None
 
     # ------------------------------------------------------------- records
 
@@ -351,6 +402,22 @@ class FileDecider:
         with self._dedup_lock:
             self._expire(time.monotonic_ns() + DEDUP_WINDOW_NS)
 
+    def tainted(self, taint: Taint, tid: int) -> None:
+        """A governed link or rename compat could not refuse (see compat_moves)."""
+        task = Task(tid)
+        what = "directory" if taint.is_dir else "file"
+        src = f" from {taint.source}" if taint.source else ""
+        self.sink(AuditRecord(
+            time_ns=now_ns(), agent=self.names.get(taint.agent, f"agent#{taint.agent}"),
+            action=SELF_PROTECT, resource=taint.target or taint.source, decision="allow",
+            backend="compat", mode=self.mode, pid=task.tgid or tid, ppid=task.ppid, uid=task.uid,
+            exe=task.exe, reason=(f"{taint.what} of a {what} the agent may not both read and write"
+                                  f"{src}: the compat backend cannot refuse it; governed opens of "
+                                  f"it are refused from now on"), details={"tid": tid}))
+
+    def unignore(self, fd: int) -> None:
+        self.group.unignore_inode(fd)
+
     def fault(self, event: PermEvent | None, tid: int, error: BaseException) -> None:
         agent = event.agent if event is not None else -1
         self.sink(AuditRecord(
@@ -358,6 +425,12 @@ class FileDecider:
             action="Internal", resource=f"fanotify event of thread {tid}",
             decision="deny", backend="compat", mode=self.mode, pid=tid,
             reason=f"internal error, refused: {type(error).__name__}: {error}"))
+
+
+def _taint_reason(t: Taint) -> str:
+    where = f" (was {t.source})" if t.source else ""
+    kind = "inside a directory renamed" if t.is_dir else ("hard-linked" if t.what == "hard link" else "renamed")
+    return f"{kind} by a governed process out of its policy class{where}"
 
 
 def _is_elf(fd: int) -> bool:

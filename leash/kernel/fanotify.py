@@ -19,15 +19,23 @@ import os
 import select
 import struct
 import threading
+import time
 from typing import Callable, Protocol
+
+import msgspec
 
 # fanotify_init flags
 FAN_CLOEXEC = 0x1
 FAN_NONBLOCK = 0x2
+FAN_CLASS_NOTIF = 0x0
 FAN_CLASS_CONTENT = 0x4
 FAN_UNLIMITED_QUEUE = 0x10
 FAN_UNLIMITED_MARKS = 0x20
 FAN_REPORT_TID = 0x100
+FAN_REPORT_FID = 0x200
+FAN_REPORT_DIR_FID = 0x400
+FAN_REPORT_NAME = 0x800
+FAN_REPORT_TARGET_FID = 0x1000
 
 # fanotify_mark flags
 FAN_MARK_ADD = 0x1
@@ -39,9 +47,18 @@ FAN_MARK_EVICTABLE = 0x200
 FAN_MARK_IGNORE = 0x400
 
 # events
+FAN_CREATE = 0x100
+FAN_Q_OVERFLOW = 0x4000
 FAN_OPEN_PERM = 0x10000
 FAN_OPEN_EXEC_PERM = 0x40000
+FAN_RENAME = 0x10000000
 FAN_ONDIR = 0x40000000
+
+# info records of FID-reporting groups
+INFO_FID = 1
+INFO_DFID_NAME = 2
+INFO_OLD_DFID_NAME = 10
+INFO_NEW_DFID_NAME = 12
 
 FAN_ALLOW = 0x1
 FAN_DENY = 0x2
@@ -51,6 +68,7 @@ METADATA_VERSION = 3
 AT_FDCWD = -100
 
 _META = struct.Struct("=IBBHQii")     # event_len, vers, reserved, metadata_len, mask, fd, pid
+_INFO = struct.Struct("=BBH8sIi")      # info_type, pad, len, fsid, handle_bytes, handle_type
 _RESPONSE = struct.Struct("=iI")      # fd, response
 # Preallocated and below malloc's mmap threshold: a fresh 256 KiB buffer per
 # read costs an mmap/munmap pair on every wakeup.
@@ -61,6 +79,13 @@ _libc.fanotify_init.argtypes = [ctypes.c_uint, ctypes.c_uint]
 _libc.fanotify_init.restype = ctypes.c_int
 _libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ctypes.c_int, ctypes.c_char_p]
 _libc.fanotify_mark.restype = ctypes.c_int
+_libc.open_by_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+_libc.open_by_handle_at.restype = ctypes.c_int
+_libc.name_to_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p,
+                                    ctypes.POINTER(ctypes.c_int), ctypes.c_int]
+_libc.name_to_handle_at.restype = ctypes.c_int
+AT_EMPTY_PATH = 0x1000
+MAX_HANDLE_SZ = 128
 
 
 class FanotifyError(OSError):
@@ -138,6 +163,11 @@ class PermissionGroup:
             flags |= FAN_MARK_IGNORED_SURV_MODIFY
             mask |= FAN_ONDIR
         return _libc.fanotify_mark(self.fd, flags, mask, event_fd, None) == 0
+
+    def unignore_inode(self, fd: int) -> None:
+        """Drop this inode's ignore mark, if it has one."""
+        _libc.fanotify_mark(self.fd, FAN_MARK_REMOVE | FAN_MARK_IGNORE,
+                            FAN_OPEN_PERM | FAN_OPEN_EXEC_PERM, fd, None)
 
     def flush_ignores(self) -> None:
         """Drop every inode mark (this group only places ignore marks on inodes)."""
@@ -285,21 +315,31 @@ class Responder:
             pass
 
 
-def syscall_of(tid: int) -> tuple[int, list[int]] | None:
+def syscall_of(tid: int, tries: int = 200) -> tuple[int, list[int]] | None:
     """The syscall `tid` is blocked in and its six arguments, or None when the
-    kernel cannot say (running, a kernel thread, gone). A thread waiting for
-    our permission answer is blocked, so this names the open that waits."""
-    try:
-        with open(f"/proc/{tid}/syscall", "rb") as f:
-            fields = f.read().split()
-    except OSError:
-        return None
-    if len(fields) < 7 or not fields[0].lstrip(b"-").isdigit():
-        return None
-    nr = int(fields[0])
-    if nr < 0:
-        return None
-    return nr, [int(x, 16) for x in fields[1:7]]
+    kernel cannot say (a kernel thread, gone). A thread waiting for our
+    permission answer is blocked, so this names the open that waits; it may
+    still be on its way to sleep when we look (the kernel says "running"),
+    hence the retries."""
+    for attempt in range(tries):
+        try:
+            with open(f"/proc/{tid}/syscall", "rb") as f:
+                fields = f.read().split()
+        except OSError:
+            return None
+        if fields and fields[0] == b"running":
+            if attempt < 10:
+                os.sched_yield()
+            else:
+                time.sleep(0.00002)
+            continue
+        if len(fields) < 7 or not fields[0].lstrip(b"-").isdigit():
+            return None
+        nr = int(fields[0])
+        if nr < 0:
+            return None
+        return nr, [int(x, 16) for x in fields[1:7]]
+    return None
 
 
 def read_user(tid: int, address: int, size: int) -> bytes | None:
@@ -315,3 +355,91 @@ def read_user(tid: int, address: int, size: int) -> bytes | None:
     finally:
         os.close(fd)
     return data if len(data) == size else None
+
+
+# ------------------------------------------------------------ notification
+
+class Info(msgspec.Struct, frozen=True):
+    """One FID info record: which object (and, for DFID_NAME kinds, the
+    entry name in that directory)."""
+    kind: int
+    fsid: bytes
+    handle: bytes        # a struct file_handle, as open_by_handle_at takes it
+    name: str = ""
+
+
+class Notice(msgspec.Struct, frozen=True):
+    mask: int
+    tid: int
+    infos: list[Info]
+
+
+class NotifyGroup:
+    """A notification group reporting file handles: directory entry changes
+    (create, rename) name the parent directories, the entry names and the
+    object itself, with the thread that made them."""
+
+    def __init__(self) -> None:
+        self.fd = _check(_libc.fanotify_init(
+            FAN_CLASS_NOTIF | FAN_CLOEXEC | FAN_NONBLOCK | FAN_REPORT_TID | FAN_REPORT_FID
+            | FAN_REPORT_DIR_FID | FAN_REPORT_NAME | FAN_REPORT_TARGET_FID
+            | FAN_UNLIMITED_QUEUE | FAN_UNLIMITED_MARKS, os.O_RDONLY | os.O_CLOEXEC), "fanotify_init")
+        self.overflowed = False
+
+    def mark_filesystem(self, path: str, mask: int) -> None:
+        _check(_libc.fanotify_mark(self.fd, FAN_MARK_ADD | FAN_MARK_FILESYSTEM, mask,
+                                   AT_FDCWD, path.encode()), f"fanotify_mark {path}")
+
+    def read(self) -> list[Notice]:
+        """Everything queued now (never blocks)."""
+        out: list[Notice] = []
+        while True:
+            try:
+                data = os.read(self.fd, _READ_SIZE)
+            except BlockingIOError:
+                return out
+            offset = 0
+            while offset + _META.size <= len(data):
+                length, _, _, meta_len, mask, _, tid = _META.unpack_from(data, offset)
+                if mask & FAN_Q_OVERFLOW:
+                    self.overflowed = True
+                infos, i = [], offset + meta_len
+                while i + _INFO.size <= offset + length:
+                    kind, _, ilen, fsid, hbytes, _ = _INFO.unpack_from(data, i)
+                    handle = bytes(data[i + 12:i + 20 + hbytes])
+                    name = data[i + 20 + hbytes:i + ilen].split(b"\0", 1)[0]
+                    infos.append(Info(kind, bytes(fsid), handle, os.fsdecode(name)))
+                    i += ilen
+                out.append(Notice(mask, tid, infos))
+                offset += length
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def open_by_handle(mount_fd: int, handle: bytes, flags: int = os.O_PATH) -> int:
+    """An fd for the object `handle` names on the filesystem of `mount_fd`."""
+    return _check(_libc.open_by_handle_at(mount_fd, handle, flags | os.O_CLOEXEC), "open_by_handle_at")
+
+
+def handle_of(fd: int) -> bytes | None:
+    """The struct file_handle of an open file, comparable with Info.handle."""
+    buf = ctypes.create_string_buffer(8 + MAX_HANDLE_SZ)
+    struct.pack_into("=I", buf, 0, MAX_HANDLE_SZ)
+    mount_id = ctypes.c_int()
+    if _libc.name_to_handle_at(fd, b"", buf, ctypes.byref(mount_id), AT_EMPTY_PATH) < 0:
+        return None
+    size = struct.unpack_from("=I", buf)[0]
+    return buf.raw[:8 + size]
+
+
+def handle_of_path(path: str) -> bytes | None:
+    buf = ctypes.create_string_buffer(8 + MAX_HANDLE_SZ)
+    struct.pack_into("=I", buf, 0, MAX_HANDLE_SZ)
+    mount_id = ctypes.c_int()
+    if _libc.name_to_handle_at(AT_FDCWD, os.fsencode(path), buf, ctypes.byref(mount_id), 0) < 0:
+        return None
+    size = struct.unpack_from("=I", buf)[0]
+    return buf.raw[:8 + size]
