@@ -114,6 +114,9 @@ class _Upstream:
                 conn.close()
                 if not conn.reused:
                     raise
+            except BaseException:
+                conn.close()            # cancelled mid-exchange (a timeout): unusable
+                raise
 
     def _take(self) -> _Conn | None:
         while self._idle:
@@ -231,11 +234,9 @@ class Proxy:
             await _answer(writer, _status_of(routed.to_client), routed.to_client)
             return True
         headers = head.end_to_end()
-        deadline = session.next_deadline()
         try:
-            conn, rhead = await asyncio.wait_for(
-                self.upstream.request("POST", headers, routed.to_server[0]),
-                None if deadline is None else max(0.0, deadline - _now()))
+            conn, rhead = await _within(self.upstream.request("POST", headers, routed.to_server[0]),
+                                        session.next_deadline())
         except asyncio.TimeoutError:
             timed_out = session.expire(ids=routed.forwarded)
             await _answer(writer, 504, routed.to_client + timed_out.to_client)
@@ -302,7 +303,12 @@ class Proxy:
                                       routed.forwarded, head)
         limit = self.gw.settings.max_message_bytes
         try:
-            body = await read_body(conn.reader, framing, limit)
+            body = await _within(read_body(conn.reader, framing, limit), session.next_deadline())
+        except asyncio.TimeoutError:
+            conn.close()
+            timed_out = session.expire(ids=routed.forwarded)
+            await _answer(writer, 504, routed.to_client + timed_out.to_client)
+            return True
         except TooLarge as e:
             conn.close()
             frames = routed.to_client + session.oversized(SERVER, e.prefix).to_client
@@ -468,13 +474,10 @@ class Proxy:
 
     async def _get(self, head: Head, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         session = self._session(head.get("mcp-session-id"))
-        try:
-            conn, rhead = await self.upstream.request("GET", head.end_to_end(), b"")
-        except (ConnectionError, OSError, HttpError) as e:
-            self.gw.record("-", "deny", method="GET", outcome="server failed", direction=SERVER,
-                           reason=f"cannot reach the MCP server: {_why(e)}")
-            await _reply(writer, 502, [], b"")
+        opened = await self._open_upstream("GET", head, writer)
+        if opened is None:
             return True
+        conn, rhead = opened
         framing = response_framing(rhead, "GET")
         ctype = (rhead.get("content-type") or "").split(";")[0].strip().lower()
         if rhead.status == 200 and ctype == "text/event-stream" and framing.kind != "none" \
@@ -485,18 +488,31 @@ class Proxy:
     async def _delete(self, head: Head, writer: asyncio.StreamWriter) -> bool:
         sid = head.get("mcp-session-id")
         session = self._session(sid)
-        try:
-            conn, rhead = await self.upstream.request("DELETE", head.end_to_end(), b"")
-        except (ConnectionError, OSError, HttpError) as e:
-            self.gw.record("-", "deny", method="DELETE", outcome="server failed", direction=SERVER,
-                           reason=f"cannot reach the MCP server: {_why(e)}")
-            await _reply(writer, 502, [], b"")
+        opened = await self._open_upstream("DELETE", head, writer)
+        if opened is None:
             return True
+        conn, rhead = opened
         keep = await self._plain(rhead, conn, response_framing(rhead, "DELETE"), writer, session, head)
         if 200 <= rhead.status < 300 and sid is not None:
             self.sessions.pop(sid, None)
             session.abandon(None, "the client ended the session")
         return keep
+
+    async def _open_upstream(self, method: str, head: Head, writer: asyncio.StreamWriter
+                             ) -> tuple[_Conn, Head] | None:
+        """Send a bodiless request upstream; on failure answer the client
+        (502, or 504 once --timeout passed) and return None."""
+        timeout = self.gw.settings.timeout_s
+        try:
+            return await _within(self.upstream.request(method, head.end_to_end(), b""),
+                                 _now() + timeout if timeout > 0 else None)
+        except (ConnectionError, OSError, HttpError, asyncio.TimeoutError) as e:
+            timed_out = isinstance(e, asyncio.TimeoutError)
+            self.gw.record("-", "deny", method=method, outcome="timeout" if timed_out else "server failed",
+                           direction=SERVER, reason="the MCP server did not answer in time" if timed_out
+                           else f"cannot reach the MCP server: {_why(e)}")
+            await _reply(writer, 504 if timed_out else 502, [], b"")
+            return None
 
     async def _plain(self, rhead: Head, conn: _Conn, framing: Framing, writer: asyncio.StreamWriter,
                      session: Session, head: Head) -> bool:
@@ -600,6 +616,13 @@ def _why(e: BaseException) -> str:
 
 def _now() -> float:
     return asyncio.get_running_loop().time()
+
+
+async def _within(awaitable, deadline: float | None):
+    """`awaitable`, or asyncio.TimeoutError once the (loop-clock) deadline passes."""
+    if deadline is None:
+        return await awaitable
+    return await asyncio.wait_for(awaitable, max(0.0, deadline - _now()))
 
 
 async def serve(gateway: Gateway, config: ProxyConfig) -> int:

@@ -136,7 +136,6 @@ class Session:
     # ------------------------------------------------------------ client -> server
 
     def from_client(self, data: bytes) -> Routed:
-        policy = self.gw.source.current()
         routed = Routed()
         try:
             frame = jsonrpc.parse(data)
@@ -151,7 +150,7 @@ class Session:
                 continue
             kind = jsonrpc.classify(item)
             if kind == jsonrpc.REQUEST:
-                self._client_request(policy, item, to_server, to_client, routed)
+                self._client_request(item, to_server, to_client, routed)
             elif kind == jsonrpc.NOTIFICATION:
                 self._client_notification(item, to_server)
             else:
@@ -160,8 +159,8 @@ class Session:
         _put(routed.to_client, to_client, frame.batch)
         return routed
 
-    def _client_request(self, policy: LoadedPolicy, msg: Message, to_server: list[Message],
-                        to_client: list[Message], routed: Routed) -> None:
+    def _client_request(self, msg: Message, to_server: list[Message], to_client: list[Message],
+                        routed: Routed) -> None:
         rid, method = msg.id, msg.method
         assert isinstance(rid, (int, str)) and isinstance(method, str)
         old = self.calls.get(rid)
@@ -179,7 +178,7 @@ class Session:
         call = _Call(method, method, now_ns(), time.monotonic(), self._deadline(),
                      progress=params.progress)
         if method == methods.TOOLS_CALL:
-            if not self._tool_call(policy, msg, call, to_client):
+            if not self._tool_call(msg, call, to_client):
                 return
         self.calls[rid] = call
         if call.progress is not None:
@@ -187,8 +186,7 @@ class Session:
         to_server.append(msg)
         routed.forwarded.append(rid)
 
-    def _tool_call(self, policy: LoadedPolicy, msg: Message, call: _Call,
-                   to_client: list[Message]) -> bool:
+    def _tool_call(self, msg: Message, call: _Call, to_client: list[Message]) -> bool:
         """Decide a tools/call; True when it goes on to the server. Rewrites
         the message's arguments from the decoded form the decision saw."""
         s = self.gw.settings
@@ -205,6 +203,8 @@ class Session:
                          methods.TOOLS_CALL, "invalid", to_client)
             return False
         arguments = arguments or {}
+        # The policy in force is looked up per decision: an edit applies to the next call.
+        policy = self.gw.source.current()
         verdict = decide_call(policy, s.agent, s.server, tool, arguments)
         call.resource, call.verdict = tool, verdict
         call.arguments = self.gw.audit_arguments(policy, arguments)
@@ -252,7 +252,6 @@ class Session:
     # ------------------------------------------------------------ server -> client
 
     def from_server(self, data: bytes) -> Routed:
-        policy = self.gw.source.current()
         routed = Routed()
         try:
             frame = jsonrpc.parse(data)
@@ -267,7 +266,7 @@ class Session:
                 continue
             kind = jsonrpc.classify(item)
             if kind in (jsonrpc.RESULT, jsonrpc.ERROR):
-                self._server_answer(policy, item, kind, to_client)
+                self._server_answer(item, kind, to_client)
             elif kind == jsonrpc.REQUEST:
                 self._server_request(item, to_client, to_server)
             else:
@@ -276,8 +275,7 @@ class Session:
         _put(routed.to_server, to_server, frame.batch)
         return routed
 
-    def _server_answer(self, policy: LoadedPolicy, msg: Message, kind: str,
-                       to_client: list[Message]) -> None:
+    def _server_answer(self, msg: Message, kind: str, to_client: list[Message]) -> None:
         rid = msg.id
         call = self.calls.pop(rid, None) if isinstance(rid, (int, str)) else None
         if call is None:
@@ -292,7 +290,7 @@ class Session:
             return
         hidden = None
         if kind == jsonrpc.RESULT and call.method == methods.TOOLS_LIST:
-            hidden = self._filter_listing(policy, msg)
+            hidden = self._filter_listing(self.gw.source.current(), msg)
             if hidden is None:
                 to_client.append(jsonrpc.error_reply(rid, jsonrpc.UPSTREAM_FAILED,
                                                      "leash: the MCP server's tools/list result is not readable"))
