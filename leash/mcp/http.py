@@ -174,6 +174,10 @@ class Proxy:
             self.gw.record("-", "deny", method="-", outcome="invalid", direction=CLIENT,
                            reason=f"malformed HTTP request: {e.message}")
             await _reply(writer, e.status, [], b"", close=True)
+        except TooLarge:
+            self.gw.record("-", "deny", method="-", outcome="invalid", direction=CLIENT,
+                           reason="HTTP request body over the size limit")
+            await _reply(writer, 413, [], b"", close=True)
         except (ConnectionError, OSError):
             pass
         except Exception as e:     # one broken exchange must not take the proxy down
@@ -236,7 +240,7 @@ class Proxy:
         headers = head.end_to_end()
         try:
             conn, rhead = await _within(self.upstream.request("POST", headers, routed.to_server[0]),
-                                        session.next_deadline())
+                                        session.next_deadline(routed.forwarded))
         except asyncio.TimeoutError:
             timed_out = session.expire(ids=routed.forwarded)
             await _answer(writer, 504, routed.to_client + timed_out.to_client)
@@ -303,7 +307,7 @@ class Proxy:
                                       routed.forwarded, head)
         limit = self.gw.settings.max_message_bytes
         try:
-            body = await _within(read_body(conn.reader, framing, limit), session.next_deadline())
+            body = await _within(read_body(conn.reader, framing, limit), session.next_deadline(routed.forwarded))
         except asyncio.TimeoutError:
             conn.close()
             timed_out = session.expire(ids=routed.forwarded)
@@ -381,7 +385,7 @@ class Proxy:
         reusable = False
         try:
             while True:
-                deadline = session.next_deadline() if session.pending(forwarded) else None
+                deadline = session.next_deadline(forwarded)
                 step = asyncio.ensure_future(body.__anext__())
                 done, _ = await asyncio.wait({step, watch}, return_when=asyncio.FIRST_COMPLETED,
                                              timeout=None if deadline is None else max(0.0, deadline - _now()))

@@ -435,8 +435,10 @@ class Session:
             self._finish(rid, call, "timeout", f"no answer within {timeout:g} s")
         return routed
 
-    def next_deadline(self) -> float | None:
-        pending = [c.deadline for c in self.calls.values() if not c.done and c.deadline]
+    def next_deadline(self, ids: list[RequestId] | None = None) -> float | None:
+        """The earliest deadline among pending requests (all, or those in `ids`)."""
+        calls = self.calls.values() if ids is None else [self.calls[i] for i in ids if i in self.calls]
+        pending = [c.deadline for c in calls if not c.done and c.deadline < float("inf")]
         return min(pending) if pending else None
 
     def fail(self, ids: list[RequestId] | None, message: str, code: int = jsonrpc.UPSTREAM_FAILED,

@@ -88,7 +88,7 @@ async def wrap(gateway: Gateway, argv: list[str]) -> int:
     timer_task = asyncio.create_task(_timer(session, pipes)) if gateway.settings.timeout_s > 0 else None
     await _server_to_client(session, pipes, proc.stdout, limit)
 
-    status = await proc.wait()
+    status = await _reap(proc)
     for task in (client_task, timer_task):
         if task is not None:
             task.cancel()
@@ -123,14 +123,7 @@ async def _client_to_server(session: Session, pipes: _Pipes, client_in: asyncio.
         pipes.server_in.close()
     except OSError:
         pass
-    try:
-        await asyncio.wait_for(proc.wait(), EXIT_GRACE_S)
-    except asyncio.TimeoutError:
-        _terminate(proc)
-        try:
-            await asyncio.wait_for(proc.wait(), EXIT_GRACE_S)
-        except asyncio.TimeoutError:
-            proc.kill()
+    await _reap(proc)
 
 
 async def _server_to_client(session: Session, pipes: _Pipes, server_out: asyncio.StreamReader,
@@ -151,6 +144,25 @@ async def _timer(session: Session, pipes: _Pipes) -> None:
         routed = session.expire()
         if routed.to_client or routed.to_server:
             await pipes.send(routed)
+
+
+async def _reap(proc: asyncio.subprocess.Process) -> int:
+    """The server's exit status, after a grace period, SIGTERM, then SIGKILL."""
+    for escalate in (_terminate, _kill, None):
+        try:
+            return await asyncio.wait_for(asyncio.shield(proc.wait()), EXIT_GRACE_S)
+        except asyncio.TimeoutError:
+            if escalate is not None:
+                escalate(proc)
+    return await proc.wait()
+
+
+def _kill(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        try:
+            proc.kill()
+        except ProcessLookupError:
+            pass
 
 
 def _terminate(proc: asyncio.subprocess.Process) -> None:

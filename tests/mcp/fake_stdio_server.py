@@ -3,6 +3,7 @@ appends every line it receives to the log file named by argv[1] (so tests can
 see what reached the server) and misbehaves on request, by tool name."""
 
 import json
+import os
 import sys
 import time
 
@@ -20,6 +21,7 @@ def text(rid, s):
     send({"jsonrpc": "2.0", "id": rid, "result": {"content": [{"type": "text", "text": s}]}})
 
 
+linger = False               # keep running after stdin ends
 waiting_for_roots = None     # id of an "ask" call waiting on the client's roots/list answer
 stubborn = {}                # request id -> answered only once cancelled
 
@@ -58,6 +60,12 @@ for line in sys.stdin.buffer:
         name, args = params.get("name"), params.get("arguments")
         if name == "die":
             sys.exit(3)
+        elif name == "close_stdout":
+            os.close(1)
+            time.sleep(3600)
+        elif name == "linger":
+            linger = True
+            text(rid, "lingering")
         elif name == "hang":
             pass
         elif name == "stubborn":
@@ -88,3 +96,6 @@ for line in sys.stdin.buffer:
             text(rid, f"called {name} with {json.dumps(args, sort_keys=True)}")
     else:
         send({"jsonrpc": "2.0", "id": rid, "result": {}})
+
+if linger:
+    time.sleep(3600)

@@ -305,6 +305,21 @@ def test_the_client_goes_away(wrapped):
     assert "before answering" in rec.reason
 
 
+def test_a_server_that_closes_stdout_is_ended(wrapped):
+    w = wrapped()
+    rid, code, message = error_of(w.call(tool_call(1, "close_stdout", {})))
+    assert (rid, code) == (1, jsonrpc.UPSTREAM_FAILED) and "killed by signal 15" in message
+    assert w.peer.wait() == 128 + signal.SIGTERM
+
+
+def test_a_server_that_ignores_the_end_of_its_input_is_ended(wrapped):
+    w = wrapped()
+    assert text_of(w.call(tool_call(1, "linger", {}))) == "lingering"
+    w.peer.close_stdin()
+    assert w.peer.eof()
+    assert w.peer.wait() == 128 + signal.SIGTERM
+
+
 def test_a_server_that_cannot_start(tmp_path):
     policy = write_policy(tmp_path / "policy", POLICY)
     peer = LinePeer(gateway_args(policy, tmp_path / "audit.jsonl", "wrap", "--", "/nonexistent/server"))
