@@ -16,6 +16,23 @@ char LICENSE[] SEC("license") = "GPL";
 #define S_IFDIR 0040000
 #define CGROUP_SUPER_MAGIC 0x27e0eb
 #define CGROUP2_SUPER_MAGIC 0x63677270
+#define FMODE_BACKING 0x2000000         /* 6.6+; unused before */
+
+/*
+ * A stacking filesystem (overlayfs) opening the real file behind a file the
+ * task has just opened, with the filesystem's credentials: the outer open
+ * was judged already, and the inner one may carry the lower layer's path.
+ * Before 6.6 the inner file has the outer file's path over the real inode
+ * (another superblock); from 6.6 it is a backing file.
+ */
+static __always_inline int leash_stacked_open(struct file *file)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+
+	if (file->f_inode->i_sb != file->f_path.dentry->d_sb)
+		return 1;
+	return (file->f_mode & FMODE_BACKING) && task->cred != task->real_cred;
+}
 
 /* Path prefixes no governed agent may open, whatever the policy says. */
 struct {
@@ -69,6 +86,8 @@ int BPF_PROG(leash_file_open, struct file *file)
 		return 0;
 	/* The binary of an exec is judged by bprm_check_security. */
 	if (file->f_mode & FMODE_EXEC)
+		return 0;
+	if (leash_stacked_open(file))
 		return 0;
 	cfg = leash_cfg();
 	s = leash_scratch_get();

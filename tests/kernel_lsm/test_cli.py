@@ -25,7 +25,7 @@ def test_run_refuses_records_and_keeps_exit_status(tmp_path):
     proc, recs = leash(tmp_path, "/bin/sh", "-c", f"cat {LT}/w/ok.txt && cat {LT}/w/secrets/s.txt; exit 7")
     assert proc.returncode == 7, proc.stderr
     assert proc.stdout == "ok"
-    assert "Permission denied" in proc.stderr
+    assert "Operation not permitted" in proc.stderr
     deny = [r for r in recs if r.decision == "deny" and r.resource == f"{LT}/w/secrets/s.txt"]
     assert deny and deny[0].policies == ["no-secrets"] and deny[0].backend == "lsm"
     assert any(r.decision == "allow" and r.resource == f"{LT}/w/ok.txt" for r in recs)
