@@ -22,13 +22,16 @@ import queue
 import select
 import signal
 import struct
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterable
 
 import msgspec
 
 from leash.audit import AuditRecord, now_ns
-from leash.kernel import cgroup, libbpf, objects
+from leash.kernel import cgroup, compat_watchdog, libbpf, objects
 from leash.kernel import fanotify as fan
 from leash.kernel.compat_files import FileDecider, Oracle
 from leash.kernel.compat_moves import MoveWatcher
@@ -44,6 +47,9 @@ BTF_PATH = "/sys/kernel/btf/vmlinux"
 UNMARKABLE = {"proc": "procfs refuses fanotify permission events",
               "autofs": "an automount point holds no files"}
 CGROUP_TYPES = ("cgroup", "cgroup2")
+HEARTBEAT_S = 1.0
+BACKLOG = 65536             # records waiting for the audit sink before backpressure
+STUCK_S = 5.0               # a batch taking longer than this: the responder is stuck
 
 
 class ProbeResult(msgspec.Struct, frozen=True):
@@ -145,7 +151,8 @@ class CompatBackend(LsmBackend):
     name = "compat"
 
     def __init__(self, protected_paths: Iterable[str] = (), pin_root: str | None = PIN_ROOT,
-                 oracle: Oracle | None = None, cache_allows: bool = True) -> None:
+                 oracle: Oracle | None = None, cache_allows: bool = True,
+                 watchdog_stall_s: float = 10.0) -> None:
         """`cache_allows`: once a file may be opened in every way by every
         agent, let the kernel stop asking about it (fanotify ignore marks).
         Ungoverned processes then pay nothing for it, and governed opens of
@@ -157,12 +164,19 @@ class CompatBackend(LsmBackend):
         self.file_protected = [os.path.realpath(p) for p in (*default_protected(), *protected_paths)]
         self.oracle = oracle
         self.cache_allows = cache_allows
+        self.watchdog_stall_s = watchdog_stall_s
+        self.watchdog: subprocess.Popen | None = None
+        self._heart: threading.Thread | None = None
+        self._heart_stop = threading.Event()
         self.group: fan.PermissionGroup | None = None
         self.responder: fan.Responder | None = None
         self.decider: FileDecider | None = None
         self.moves: MoveWatcher | None = None
         self.marked: list[Mount] = []
         self._records: queue.SimpleQueue = queue.SimpleQueue()
+        self.backlog_limit = BACKLOG
+        self._backlog = 0
+        self._drained = threading.Condition()
         self._recorder: threading.Thread | None = None
         self._watcher: threading.Thread | None = None
         self._watch_stop_r, self._watch_stop_w = -1, -1
@@ -189,7 +203,8 @@ class CompatBackend(LsmBackend):
             except fan.FanotifyError as e:
                 raise CompatUnavailable(f"fanotify permission events are unavailable: "
                                         f"{os.strerror(e.errno)} (needs CONFIG_FANOTIFY_ACCESS_PERMISSIONS)") from None
-            super().start(tables, mode, self._submit)
+            super().start(tables, mode, self._submit_from_ring)
+            self._start_watchdog()
             self._start_files(tables, mode)
         except BaseException:
             self.stop()
@@ -204,7 +219,7 @@ class CompatBackend(LsmBackend):
                 cgroup_devs.add(m.user_dev)
         self.decider = FileDecider(self.group, _Scope(self._maps["compat_tids"].fd), mode,
                                    self._submit, tuple(self.file_protected), cgroup_devs, self.oracle,
-                                   self.cache_allows)
+                                   self.cache_allows, self.backlogged)
         self.decider.set_tables(tables)
         try:
             notify = fan.NotifyGroup()
@@ -229,6 +244,34 @@ class CompatBackend(LsmBackend):
                                          daemon=True)
         self._watcher.start()
 
+    def _start_watchdog(self) -> None:
+        """Before any mark: the watchdog must exist before anything can hang
+        on us, and must not inherit the fanotify fds (they are CLOEXEC)."""
+        tids_fd = self._maps["compat_tids"].fd
+        self.watchdog = subprocess.Popen(
+            [sys.executable, "-I", "-S", compat_watchdog.__file__, str(os.getpid()),
+             str(self.watchdog_stall_s), str(tids_fd)],
+            stdin=subprocess.PIPE, pass_fds=(tids_fd,), cwd="/")
+        self._heart_stop.clear()
+        self._heart = threading.Thread(target=self._heartbeat, name="leash-compat-heartbeat", daemon=True)
+        self._heart.start()
+
+    def _tell_watchdog(self, data: bytes) -> None:
+        try:
+            assert self.watchdog is not None and self.watchdog.stdin is not None
+            self.watchdog.stdin.write(data)
+            self.watchdog.stdin.flush()
+        except (OSError, ValueError, AssertionError) as e:
+            self._internal(f"watchdog unreachable ({e}): a crash of leash would leave agents running",
+                           decision="deny")
+
+    def _heartbeat(self) -> None:
+        while not self._heart_stop.wait(HEARTBEAT_S):
+            r = self.responder
+            if r is not None and r.busy_since and time.monotonic() - r.busy_since > STUCK_S:
+                continue      # let the watchdog see a stuck responder
+            self._tell_watchdog(b"\0")
+
     def update(self, tables: DecisionTables) -> None:
         """Files switch a moment before the kernel tables (which the inherited
         update fills, flips, and retires); each decision sees one policy."""
@@ -250,6 +293,7 @@ class CompatBackend(LsmBackend):
         tids = self._maps["compat_tids"]
         for tid in threads_in(cgroup_path):
             tids.update(struct.pack("<I", tid), struct.pack("<I", agent_id))
+        self._tell_watchdog(b"c " + os.fsencode(cgroup_path) + b"\n")
 
     def stop(self) -> None:
         if self._watcher is not None:
@@ -271,6 +315,16 @@ class CompatBackend(LsmBackend):
             self.moves = None
         if self.decider is not None:
             self.decider.flush()
+        if self._heart is not None:
+            self._heart_stop.set()
+            self._heart.join()
+            self._heart = None
+        if self.watchdog is not None:
+            # A clean stop is not a crash: nothing to kill.
+            self._tell_watchdog(b"stop\n")
+            self.watchdog.stdin.close()
+            self.watchdog.wait(timeout=10)
+            self.watchdog = None
         super().stop()
         if self._cgroup_fd >= 0:
             os.close(self._cgroup_fd)
@@ -359,10 +413,24 @@ class CompatBackend(LsmBackend):
     # ------------------------------------------------------------ records
 
     def _submit(self, rec: AuditRecord) -> None:
-        """Every record goes through one thread: neither the responder nor
-        the ring buffer poller may block on a slow audit sink."""
+        """Every record goes through one thread: the responder must never
+        block on a slow audit sink."""
         rec.backend = self.name
+        with self._drained:
+            self._backlog += 1
         self._records.put(rec)
+
+    def backlogged(self) -> bool:
+        return self._backlog >= self.backlog_limit
+
+    def _submit_from_ring(self, rec: AuditRecord) -> None:
+        """The ring buffer's consumer waits while the sink is behind, so the
+        ring fills and the kernel side does what it does when records cannot
+        be kept: counts lost denies, refuses allows it cannot record."""
+        with self._drained:
+            while self._backlog >= self.backlog_limit and not self._stopping.is_set():
+                self._drained.wait(0.1)
+        self._submit(rec)
 
     def _record_loop(self) -> None:
         while True:
@@ -374,6 +442,9 @@ class CompatBackend(LsmBackend):
                 self._outer_sink(rec)
             except Exception:   # noqa: BLE001 - one bad write must not stop the audit trail
                 pass
+            with self._drained:
+                self._backlog -= 1
+                self._drained.notify_all()
 
     def _internal(self, reason: str, decision: str = "allow") -> None:
         self._submit(AuditRecord(time_ns=now_ns(), agent="", action="Internal", resource="compat",

@@ -198,6 +198,7 @@ class Responder:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.crashed: BaseException | None = None
+        self.busy_since = 0.0                # monotonic start of the batch in hand, 0 when idle
         self.on_crash: Callable[[BaseException], None] | None = None
 
     def start(self) -> None:
@@ -240,8 +241,10 @@ class Responder:
                 if e.errno == errno.EINTR:
                     continue
                 raise
+            self.busy_since = time.monotonic()
             with self.lock:
                 self._batch(buf, n)
+            self.busy_since = 0.0
 
     def _batch(self, data: bytearray, size: int) -> None:
         handler = self.handler
