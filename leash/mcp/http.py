@@ -372,18 +372,22 @@ class Proxy:
     async def _stream(self, rhead: Head, conn: _Conn, framing: Framing, writer: asyncio.StreamWriter,
                       reader: asyncio.StreamReader, session: Session, first: list[bytes],
                       forwarded: list, head: Head) -> bool:
-        """Relay an SSE response event by event. Ends when the server ends the
-        stream, the requests it carries time out, or the client goes away."""
+        """Relay an SSE response event by event, each as soon as it is checked.
+        A POST's stream ends for the client once every request it carried is
+        answered (what the server is about to do anyway); otherwise when the
+        server ends it, the requests time out, or the client goes away."""
         passed = [(k, v) for k, v in rhead.end_to_end() if k.lower() != "content-encoding"]
-        writer.write(format_head(status_line(rhead.status), [*passed, ("Transfer-Encoding", "chunked")]))
-        for frame in first:
-            writer.write(chunk(sse.encode(sse.Event(data=frame, event="message"))))
-        await writer.drain()
+        # Output is gathered per upstream read and written at once: fewer
+        # wake-ups of the client for the same bytes.
+        out = bytearray(format_head(status_line(rhead.status), [*passed, ("Transfer-Encoding", "chunked")]))
+        out += _sse_frames(first)
         parser = sse.Parser(self.gw.settings.max_message_bytes)
         body = iter_body(conn.reader, framing).__aiter__()
         watch = asyncio.ensure_future(reader.read(1))
-        reusable = False
+        upstream_done = False
         try:
+            if not forwarded:
+                await _flush(writer, out)          # an event stream opens now, not at its first event
             while True:
                 deadline = session.next_deadline(forwarded)
                 step = asyncio.ensure_future(body.__anext__())
@@ -395,40 +399,62 @@ class Proxy:
                     return False
                 if not done:
                     step.cancel()
-                    await _events(writer, session.expire(ids=forwarded).to_client)
+                    out += _sse_frames(session.expire(ids=forwarded).to_client)
                     break
                 try:
                     data = step.result()
                 except StopAsyncIteration:
-                    reusable = True
+                    upstream_done = True
                     break
                 except HttpError as e:
-                    await _events(writer, session.fail(session.pending(forwarded),
-                                                       f"the MCP server's stream broke: {e.message}").to_client)
+                    out += _sse_frames(session.fail(session.pending(forwarded),
+                                                    f"the MCP server's stream broke: {e.message}").to_client)
                     break
                 for event in parser.feed(data):
-                    await self._relay(event, session, writer, head)
+                    out += self._relay(event, session, head)
+                if forwarded and not session.pending(forwarded):
+                    break
+                await _flush(writer, out)
             left = session.pending(forwarded)
             if left:
-                await _events(writer, session.fail(left, "the MCP server ended the stream without answering").to_client)
-            writer.write(LAST_CHUNK)
-            await writer.drain()
+                out += _sse_frames(session.fail(left, "the MCP server ended the stream without answering").to_client)
+            out += LAST_CHUNK
+            await _flush(writer, out)
             return True
         except (ConnectionError, OSError):
             session.abandon(session.pending(forwarded), "the client disconnected mid-stream")
             return False
         finally:
             watch.cancel()
-            if reusable:
+            if upstream_done:
                 self.upstream.release(conn, rhead)
             else:
-                conn.close()
+                self._finish_upstream(conn, rhead, body, parser)
 
-    async def _relay(self, event: sse.Event, session: Session, writer: asyncio.StreamWriter, head: Head) -> None:
+    def _finish_upstream(self, conn: _Conn, rhead: Head, body, parser: sse.Parser) -> None:
+        """Read what is left of an upstream stream after the client's part
+        ended, in the background, so the connection can be reused; anything
+        the server still sends there reaches nobody and is recorded."""
+        async def drain() -> None:
+            try:
+                while True:
+                    data = await asyncio.wait_for(body.__anext__(), 1.0)
+                    for event in parser.feed(data):
+                        if event.data:
+                            self.gw.record("-", "deny", method="-", outcome="dropped", direction=SERVER,
+                                           reason="message after the stream's last answer")
+            except StopAsyncIteration:
+                self.upstream.release(conn, rhead)
+            except BaseException:
+                conn.close()
+        task = asyncio.ensure_future(drain())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _relay(self, event: sse.Event, session: Session, head: Head) -> bytes:
+        """The chunk to send the client for one upstream event (may be empty)."""
         if event.comment is not None:
-            writer.write(chunk(sse.encode(event)))           # keep-alive pings
-            await writer.drain()
-            return
+            return chunk(sse.encode(event))           # keep-alive pings
         frames: list[bytes] = []
         if event.oversized:
             frames = session.oversized(SERVER, event.data or b"").to_client
@@ -449,9 +475,7 @@ class Proxy:
         if not frames and (event.id is not None or event.retry is not None):
             # Nothing to deliver, but the client's resumption point still moves on.
             out += sse.encode(sse.Event(id=event.id, retry=event.retry))
-        if out:
-            writer.write(chunk(bytes(out)))
-            await writer.drain()
+        return chunk(bytes(out))
 
     def _side_post(self, frames: list[bytes], head: Head) -> None:
         """Answers the gateway gives the server itself (refused server
@@ -574,10 +598,16 @@ async def _answer(writer: asyncio.StreamWriter, status: int, frames: list[bytes]
                  _merge(frames), close)
 
 
-async def _events(writer: asyncio.StreamWriter, frames: list[bytes]) -> None:
-    for frame in frames:
-        writer.write(chunk(sse.encode(sse.Event(data=frame, event="message"))))
-    await writer.drain()
+def _sse_frames(frames: list[bytes]) -> bytes:
+    """Frames the gateway adds to an event stream, as one chunk."""
+    return chunk(b"".join(sse.encode(sse.Event(data=frame, event="message")) for frame in frames))
+
+
+async def _flush(writer: asyncio.StreamWriter, out: bytearray) -> None:
+    if out:
+        writer.write(bytes(out))
+        out.clear()
+        await writer.drain()
 
 
 def _merge(frames: list[bytes]) -> bytes:

@@ -41,19 +41,24 @@ class HttpError(Exception):
 class Head(msgspec.Struct):
     """A request head (method, target) or a response head (status, reason)."""
     version: str
-    headers: list[tuple[str, str]]
+    headers: list[tuple[str, str]]                       # as received, in order
     method: str = ""
     target: str = ""
     status: int = 0
     reason: str = ""
+    index: dict[str, list[str]] = {}                     # lowercased name -> values
+
+    def __post_init__(self) -> None:
+        for k, v in self.headers:
+            self.index.setdefault(k.lower(), []).append(v)
 
     def get(self, name: str) -> str | None:
-        values = self.get_all(name)
+        values = self.index.get(name)
         return values[0] if values else None
 
     def get_all(self, name: str) -> list[str]:
-        name = name.lower()
-        return [v for k, v in self.headers if k.lower() == name]
+        """Values of a header; `name` in lowercase."""
+        return self.index.get(name, [])
 
     def tokens(self, name: str) -> set[str]:
         """Comma-separated header tokens, lowercased (Connection, Transfer-Encoding)."""
