@@ -142,6 +142,8 @@ class Session:
         except WireError as e:
             self._bad_frame(CLIENT, e, data, routed)
             return routed
+        if self._audit_passes_broken_batch(CLIENT, frame, data, routed):
+            return routed
         to_server: list[Message] = []
         to_client: list[Message] = []
         for item in frame.items:
@@ -165,9 +167,11 @@ class Session:
         assert isinstance(rid, (int, str)) and isinstance(method, str)
         old = self.calls.get(rid)
         if old is not None and not old.done:
+            # Refused in audit mode too: two requests under one id would make
+            # every later answer ambiguous.
             self._refuse(rid, jsonrpc.INVALID_REQUEST,
                          f"request id {rid!r} is already in use by a pending request", method, "invalid",
-                         to_client)
+                         to_client, force=True)
             return
         if method not in self.gw.client_requests:
             if self._refuse(rid, jsonrpc.METHOD_NOT_FOUND,
@@ -198,10 +202,10 @@ class Session:
             raw_args = params.get("arguments")
             arguments = {} if raw_args is None else jsonrpc.decode_raw(raw_args, Union[dict[str, Any], None])
         except (ValueError, msgspec.DecodeError):
-            self._refuse(msg.id, jsonrpc.INVALID_PARAMS,
-                         "tools/call needs params.name (a string) and params.arguments (an object, if given)",
-                         methods.TOOLS_CALL, "invalid", to_client)
-            return False
+            return not self._refuse(
+                msg.id, jsonrpc.INVALID_PARAMS,
+                "tools/call needs params.name (a string) and params.arguments (an object, if given)",
+                methods.TOOLS_CALL, "invalid", to_client)
         arguments = arguments or {}
         # The policy in force is looked up per decision: an edit applies to the next call.
         policy = self.gw.source.current()
@@ -257,6 +261,8 @@ class Session:
             frame = jsonrpc.parse(data)
         except WireError as e:
             self._bad_frame(SERVER, e, data, routed)
+            return routed
+        if self._audit_passes_broken_batch(SERVER, frame, data, routed):
             return routed
         to_client: list[Message] = []
         to_server: list[Message] = []
@@ -383,6 +389,15 @@ class Session:
             out = []
             self._server_garbage(error, out)
             _put(routed.to_client, out, False)
+
+    def _audit_passes_broken_batch(self, side: str, frame: jsonrpc.Frame, data: bytes, routed: Routed) -> bool:
+        """Audit mode forwards a batch with invalid elements untouched, as it
+        does an unparsable frame (its valid elements go unchecked)."""
+        broken = [item for item in frame.items if isinstance(item, WireError)]
+        if self.gw.enforce or not broken:
+            return False
+        self._bad_frame(side, broken[0], data, routed)
+        return True
 
     def oversized(self, side: str, prefix: bytes) -> Routed:
         """A message over the size limit, known only by its first bytes. It is

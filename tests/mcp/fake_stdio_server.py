@@ -32,7 +32,7 @@ for line in sys.stdin.buffer:
     except ValueError:
         continue
     if isinstance(msg, list):
-        send([{"jsonrpc": "2.0", "id": m["id"], "result": {"batched": m["method"]}} for m in msg if "id" in m])
+        send([{"jsonrpc": "2.0", "id": m["id"], "result": {"batched": m["method"]}} for m in msg if isinstance(m, dict) and "id" in m])
         continue
     method, rid, params = msg.get("method"), msg.get("id"), msg.get("params") or {}
     if method is None:                           # an answer to one of our requests

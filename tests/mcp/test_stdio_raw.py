@@ -367,3 +367,11 @@ def test_audit_mode_records_but_does_not_refuse(wrapped):
     assert [t["name"] for t in listed["result"]["tools"]] == ["echo", "delete_file"]
     rec = next(r for r in w.records() if r.resource == "delete_file")
     assert (rec.decision, rec.mode, rec.policies, rec.details["outcome"]) == ("deny", "audit", ["no-delete"], "result")
+    # What enforce mode would refuse as malformed goes through as it came.
+    assert "result" in w.call(request(3, "tools/call", {"name": 5}))
+    w.peer.send(b'[{"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"echo"}}, 5]')
+    assert w.peer.recv() == [{"jsonrpc": "2.0", "id": 4, "result": {"batched": "tools/call"}}]
+    assert w.server_saw()[-1] == [{"jsonrpc": "2.0", "id": 4, "method": "tools/call", "params": {"name": "echo"}}, 5]
+    # A second request under a pending id is refused in every mode.
+    w.peer.send(tool_call(5, "hang", {}))
+    assert error_of(w.call(tool_call(5, "echo", {})))[:2] == (None, jsonrpc.INVALID_REQUEST)
