@@ -14,7 +14,10 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import stat
 import sys
+import threading
+from typing import Union
 
 from leash.mcp.lines import read_lines
 from leash.mcp.session import CLIENT, SERVER, Gateway, Routed, Session
@@ -25,7 +28,7 @@ EXIT_GRACE_S = 5.0
 class _Pipes:
     """The two byte streams and what happened to them."""
 
-    def __init__(self, client_out: asyncio.StreamWriter, server_in: asyncio.StreamWriter) -> None:
+    def __init__(self, client_out: "_Writer", server_in: asyncio.StreamWriter) -> None:
         self.client_out = client_out
         self.server_in = server_in
         self.client_gone = False
@@ -73,10 +76,7 @@ async def wrap(gateway: Gateway, argv: list[str]) -> int:
         return 127
     assert proc.stdin is not None and proc.stdout is not None
 
-    client_in = asyncio.StreamReader(limit=1 << 16)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(client_in), sys.stdin.buffer)
-    transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, sys.stdout.buffer)
-    client_out = asyncio.StreamWriter(transport, protocol, None, loop)
+    client_in, client_out = await _client_streams(loop)
     pipes = _Pipes(client_out, proc.stdin)
 
     loop.add_signal_handler(signal.SIGHUP, gateway.source.request_reload)
@@ -105,6 +105,53 @@ async def wrap(gateway: Gateway, argv: list[str]) -> int:
     for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
         loop.remove_signal_handler(sig)
     return status if status >= 0 else 128 - status
+
+
+async def _client_streams(loop: asyncio.AbstractEventLoop) -> tuple[asyncio.StreamReader, "_Writer"]:
+    """Our stdin and stdout as asyncio streams. MCP clients hand us pipes;
+    a regular file (a recorded session replayed, output to a file) is read by
+    a thread and written directly instead, as asyncio's pipe transports
+    refuse files."""
+    reader = asyncio.StreamReader(limit=1 << 16)
+    if _pollable(0):
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin.buffer)
+    else:
+        def pump() -> None:
+            while chunk := os.read(0, 1 << 16):
+                loop.call_soon_threadsafe(reader.feed_data, chunk)
+            loop.call_soon_threadsafe(reader.feed_eof)
+        threading.Thread(target=pump, daemon=True).start()
+    if _pollable(1):
+        transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, sys.stdout.buffer)
+        return reader, asyncio.StreamWriter(transport, protocol, None, loop)
+    return reader, _FileWriter(1)
+
+
+def _pollable(fd: int) -> bool:
+    mode = os.fstat(fd).st_mode
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode)
+
+
+class _FileWriter:
+    """The part of StreamWriter `_Pipes` uses, for a regular file (writes to
+    one never wait on a reader)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view):]
+
+    async def drain(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+_Writer = Union[asyncio.StreamWriter, _FileWriter]
 
 
 async def _client_to_server(session: Session, pipes: _Pipes, client_in: asyncio.StreamReader,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from leash.mcp import jsonrpc
-from tests.mcp.helpers import FAKE_SERVER, LinePeer, gateway_args, records, request, tool_call, write_policy
+from tests.mcp.helpers import (ENV, FAKE_SERVER, LinePeer, gateway_args, records, request, tool_call,
+                               write_policy)
 
 POLICY = """\
 @id("most-tools")
@@ -326,6 +328,21 @@ def test_a_server_that_cannot_start(tmp_path):
     assert peer.eof()
     assert peer.wait() == 127
     assert b"cannot start the MCP server" in peer.proc.stderr.read()
+
+
+def test_plain_files_as_stdin_and_stdout(tmp_path):
+    """A recorded session replayed from a file, answers written to a file."""
+    policy = write_policy(tmp_path / "policy", POLICY)
+    requests = tmp_path / "in.jsonl"
+    requests.write_text(json.dumps(tool_call(1, "delete_file", {})) + "\n" + json.dumps(tool_call(2, "echo", {})) + "\n")
+    answers = tmp_path / "out.jsonl"
+    with open(requests, "rb") as stdin, open(answers, "wb") as stdout:
+        status = subprocess.run(gateway_args(policy, tmp_path / "audit.jsonl", "wrap", "--", sys.executable,
+                                             str(FAKE_SERVER), str(tmp_path / "server.log")),
+                                stdin=stdin, stdout=stdout, env=ENV, timeout=60).returncode
+    assert status == 0
+    got = {m["id"]: m for m in map(json.loads, answers.read_text().splitlines())}
+    assert got[1]["error"]["code"] == jsonrpc.POLICY_REFUSED and "result" in got[2]
 
 
 def test_hot_reload_applies_to_the_next_message(wrapped):
