@@ -33,8 +33,8 @@ from leash.policy import requests as rq
 from leash.policy.fragment import PolicyAtoms, analyze
 from leash.policy.loader import LoadedPolicy, split_host_port
 from leash.policy.source import Diagnostic
-from leash.policy.tables import (CONNECT, EXEC, FILE_READ, FILE_WRITE, AddrRule,
-                                 DecisionTables, NameRule, NetClass, PathClass,
+from leash.policy.tables import (CONNECT, EXEC, FILE_READ, FILE_WRITE, PROTO_TCP, PROTO_UDP,
+                                 AddrRule, DecisionTables, NameRule, NetClass, PathClass,
                                  PathRule, PortRule, Verdict)
 
 OTHER_AGENT_ID = 0
@@ -386,6 +386,179 @@ def _agent_ids(policy: LoadedPolicy, given: dict[str, int] | None, mentioned: se
     return ids
 
 
+class _Column(msgspec.Struct):
+    """Agents no policy can tell apart: one representative asks Cedar for all."""
+    name: str
+    groups: list[str]                  # the representative's direct groups
+    agent_ids: list[int]
+
+
+def _columns(policy: LoadedPolicy, ids: dict[str, int], principals: set) -> list[_Column]:
+    """One column per distinct set of mentioned principals an agent is, or is in."""
+    other_name = _unique_label(set(ids), lambda s: s)
+    columns: dict[frozenset, _Column] = {}
+    for name, aid in list(ids.items()) + [(other_name, OTHER_AGENT_ID)]:
+        groups = policy.config.ancestor_groups(name)
+        signature = frozenset(({("Agent", name)} | {("AgentGroup", g) for g in groups}) & principals)
+        if signature not in columns:
+            columns[signature] = _Column(name, policy.groups_of(name), [])
+        columns[signature].agent_ids.append(aid)
+    return list(columns.values())
+
+
+class _Compilation:
+    """One compile: classes, the questions for Cedar, then the table rows."""
+
+    def __init__(self, policy: LoadedPolicy, candidates: list[_Candidate], ids: dict[str, int]) -> None:
+        self.policy = policy
+        self.ids = ids
+        self.by_index = {c.index: c for c in candidates}
+        self.atoms = [c.atoms for c in candidates]
+        principals = set().union(*(a.principals for a in self.atoms))
+        self.columns = _columns(policy, ids, principals)
+        self.indexes = {a: _Index(candidates, a) for a in (FILE_READ, FILE_WRITE, EXEC, CONNECT)}
+        self.column_ok = {}
+        for ci, col in enumerate(self.columns):
+            groups = policy.config.ancestor_groups(col.name)
+            who = _Subject(("Agent", col.name),
+                           frozenset({("Agent", col.name)} | {("AgentGroup", g) for g in groups}))
+            for action, index in self.indexes.items():
+                self.column_ok[(ci, action)] = index.for_column(who)
+        self.ev = _Evaluator(policy)
+        self.type_sensitive = any(a.type_sensitive for a in self.atoms)
+
+    def applicable(self, resource: _Subject, action: str) -> dict[int, tuple[int, ...]]:
+        """Per column, the policies that may apply to this class."""
+        found = self.indexes[action].applicable(resource)
+        return {ci: tuple(i for i in found if i in self.column_ok[(ci, action)])
+                for ci in range(len(self.columns))}
+
+    # ------------------------------------------------------------ paths
+
+    def ask_paths(self) -> None:
+        """Per (column, path key): five verdict slots (read/write/exec file,
+        read/write dir), filled when the evaluator runs."""
+        self.keys = _path_keys(self.atoms)
+        exact_set = {k.path for k in self.keys if k.exact}
+        prefix_index = {k.path: i for i, k in enumerate(self.keys) if not k.exact}
+        self.path_slots: dict[tuple[int, int], list[int]] = {}
+        self.path_reps: dict[int, str] = {}
+        subsets: dict[tuple, tuple[int, ...]] = {}   # (column, action, is_dir, key) -> policies
+        for ki, key in enumerate(self.keys):
+            if key.exact:
+                reps = {key.kind == "Dir": key.path}
+            else:
+                child = _unique_label(exact_set, lambda s, k=key: k.path + s)
+                reps = {False: child, True: child + "/"}
+            self.path_reps[ki] = reps.get(False) or reps[True]
+            parent = _enclosing_prefix(key, prefix_index)
+            for ci in range(len(self.columns)):
+                self.path_slots[(ci, ki)] = [-1] * 5
+            for is_dir, path in reps.items():
+                if is_dir and not key.exact and not self.type_sensitive:
+                    continue            # no policy tells files from dirs: copied later
+                rsub = _file_subject(path, is_dir)
+                for action in (FILE_READ, FILE_WRITE) if is_dir else _FILE_ACTIONS:
+                    slot = (3 if is_dir else 0) + _FILE_ACTIONS.index(action)
+                    for ci, found in self.applicable(rsub, action).items():
+                        col = self.columns[ci]
+                        subsets[(ci, action, is_dir, ki)] = found
+                        hint = subsets.get((ci, action, is_dir, parent)) or subsets.get((ci, action, False, parent))
+                        self.ev.ask(found, rq.file_request(col.name, col.groups, action, path, is_dir),
+                                    self.path_slots[(ci, ki)], slot, hint)
+
+    # ------------------------------------------------------------ network
+
+    def ask_network(self) -> None:
+        """Per (column, network class): the port intervals its policies
+        distinguish, each with a verdict slot per protocol."""
+        cidrs = set().union(*(a.cidrs for a in self.atoms))
+        names = set().union(*(a.names for a in self.atoms))
+        zones = set().union(*(a.zones for a in self.atoms))
+        # (kind, key, host name asked about, address asked about); each
+        # family's root class comes first, its policies a hint for the rest.
+        self.net_keys: list[tuple[str, str, str | None, str | None]] = []
+        for cidr, rep in _ip_classes(cidrs):
+            self.net_keys.append(("addr", cidr, None, rep))
+        self.net_keys.append(("name", "", _unique_label(names, lambda s: s), None))
+        self.net_keys += [("name", n, n, None) for n in sorted(names)]
+        self.net_keys += [("name", z, _unique_label(names, lambda s, z=z: f"{s}.{z[2:]}"), None)
+                          for z in sorted(zones)]
+        self.net_slots: dict[tuple[int, int], list[tuple[int, int, list[int]]]] = {}
+        roots: dict[tuple[int, object], tuple[int, ...]] = {}
+        for ni, (kind, key, host, ip) in enumerate(self.net_keys):
+            addr = ipaddress.ip_address(ip) if ip else None
+            family = addr.version if addr else "name"
+            _, res_entity = rq.host_resource(host, ip, 0)
+            anc = {(p["type"], p["id"]) for p in res_entity["parents"] if not p["id"].endswith(":0")}
+            maybe = {("Host", key)} if kind == "name" and key and not key.startswith("*.") else set()
+            if ip:
+                maybe.add(("Host", ip))
+            rsub = _Subject(("Host", "?"), frozenset(anc), frozenset(maybe),
+                            ip=(addr.version, int(addr)) if addr else None,
+                            context=frozenset(["port", "protocol", "ip" if ip else "hostname"]))
+            for ci, found in self.applicable(rsub, CONNECT).items():
+                col = self.columns[ci]
+                hint = roots.setdefault((ci, family), found)
+                cuts: set[int] = set()
+                protocols = ["tcp"]
+                for i in found:
+                    cuts |= self.by_index[i].atoms.ports
+                    if self.by_index[i].atoms.reads_protocol:
+                        protocols = ["tcp", "udp"]   # else udp answers as tcp does
+                intervals: list[tuple[int, int, list[int]]] = []
+                for lo, hi in _port_intervals(cuts):
+                    slots = [-1, -1]
+                    for pi, proto in enumerate(protocols):
+                        self.ev.ask(found, rq.net_request(col.name, col.groups, host, ip, lo, proto),
+                                    slots, pi, hint)
+                    intervals.append((lo, hi, slots))
+                self.net_slots[(ci, ni)] = intervals
+
+    # ------------------------------------------------------------ rows
+
+    def tables(self) -> DecisionTables:
+        self.ev.run()
+        t = DecisionTables(agents=dict(self.ids), other_agent=OTHER_AGENT_ID,
+                           policies=self.policy.policies, verdicts=self.ev.verdicts, path_rules=[],
+                           path_classes=[], addr_rules=[], name_rules=[], net_classes=[],
+                           port_rules=[], cedar_requests=self.ev.cedar_requests)
+        for (ci, ki), slots in self.path_slots.items():
+            key = self.keys[ki]
+            if not key.exact and not self.type_sensitive:
+                slots[3], slots[4] = slots[0], slots[1]
+            row = len(t.path_classes)
+            t.path_classes.append(PathClass(*slots, representative=self.path_reps[ki]))
+            t.path_rules += [PathRule(aid, key.path, key.exact, row) for aid in self.columns[ci].agent_ids]
+        for (ci, ni), intervals in self.net_slots.items():
+            kind, key, host, ip = self.net_keys[ni]
+            row = len(t.net_classes)
+            t.net_classes.append(NetClass(kind, host or ip or ""))
+            for aid in self.columns[ci].agent_ids:
+                if kind == "addr":
+                    t.addr_rules.append(AddrRule(aid, key, row))
+                else:
+                    t.name_rules.append(NameRule(aid, key, row))
+            for pi, proto in enumerate((PROTO_TCP, PROTO_UDP)):
+                t.port_rules += _port_rules(row, proto, [(lo, hi, s[pi] if s[pi] != -1 else s[0])
+                                                         for lo, hi, s in intervals])
+        return t
+
+
+def _port_rules(net_class: int, proto: int, intervals: list[tuple[int, int, int]]) -> list[PortRule]:
+    """LPM entries: one /0 for the commonest verdict, then every interval
+    with another verdict as disjoint aligned blocks, which out-match it."""
+    spans: dict[int, int] = defaultdict(int)
+    for lo, hi, v in intervals:
+        spans[v] += hi - lo + 1
+    default = max(spans, key=lambda v: (spans[v], -v))
+    rules = [PortRule(net_class, proto, 0, 0, default)]
+    for lo, hi, v in intervals:
+        if v != default:
+            rules += [PortRule(net_class, proto, start, bits, v) for start, bits in _port_blocks(lo, hi)]
+    return rules
+
+
 def compile_tables(policy: LoadedPolicy, agent_ids: dict[str, int] | None = None) -> DecisionTables:
     """Raises CompileError naming file, line and construct for every policy the
     partition cannot capture."""
@@ -395,156 +568,13 @@ def compile_tables(policy: LoadedPolicy, agent_ids: dict[str, int] | None = None
         atoms, errors = analyze(src.template)
         for err in errors:
             line, col = src.position_of(err.near)
-            diags.append(Diagnostic(src.info.file, line, col,
-                                    f"policy {src.info.id!r}: {err.message}"))
+            diags.append(Diagnostic(src.info.file, line, col, f"policy {src.info.id!r}: {err.message}"))
         if atoms is not None and not errors:
             candidates.append(_candidate(i, src.template, atoms))
     if diags:
         raise CompileError(diags)
-    all_atoms = [c.atoms for c in candidates]
-    principals = set().union(*(a.principals for a in all_atoms)) if all_atoms else set()
-    ids = _agent_ids(policy, agent_ids, {pid for kind, pid in principals if kind == "Agent"})
-    by_index = {c.index: c for c in candidates}
-    ev = _Evaluator(policy)
-
-    # Agent columns.
-    other_name = _unique_label(set(ids), lambda s: s)
-    columns: dict[frozenset, tuple[str, list[str], list[int]]] = {}
-    for name, aid in list(ids.items()) + [(other_name, OTHER_AGENT_ID)]:
-        groups = policy.config.ancestor_groups(name) if aid != OTHER_AGENT_ID else []
-        member = {("Agent", name)} | {("AgentGroup", g) for g in groups}
-        signature = frozenset(member & principals)
-        if signature not in columns:
-            columns[signature] = (name, policy.groups_of(name) if aid != OTHER_AGENT_ID else [], [])
-        columns[signature][2].append(aid)
-    column_list = list(columns.values())
-
-    def principal_subject(name: str) -> _Subject:
-        groups = policy.config.ancestor_groups(name) if name in policy.config.agents else []
-        anc = frozenset({("Agent", name)} | {("AgentGroup", g) for g in groups})
-        return _Subject(("Agent", name), anc)
-
-    indexes = {action: _Index(candidates, action) for action in (FILE_READ, FILE_WRITE, EXEC, CONNECT)}
-    column_ok = {(ci, action): indexes[action].for_column(principal_subject(name))
-                 for ci, (name, _, _) in enumerate(column_list) for action in indexes}
-
-    def applicable(resource: _Subject, action: str) -> dict[int, tuple[int, ...]]:
-        """Per column, the policies that may apply to this class."""
-        found = indexes[action].applicable(resource)
-        return {ci: tuple(i for i in found if i in column_ok[(ci, action)])
-                for ci in range(len(column_list))}
-    type_sensitive = any(a.type_sensitive for a in all_atoms)
-    keys = _path_keys(all_atoms)
-    exact_set = {k.path for k in keys if k.exact}
-
-    # Path classes: rows[(column, key)] = 5 verdict slots.
-    path_slots: dict[tuple[int, int], list] = {}
-    path_reps: dict[int, str] = {}
-    prefix_index = {k.path: i for i, k in enumerate(keys) if not k.exact}
-    subsets: dict[tuple, tuple[int, ...]] = {}     # (column, action, is_dir, key) -> policies
-    for ki, key in enumerate(keys):
-        if key.exact:
-            reps = {key.kind == "Dir": key.path}
-        else:
-            child = _unique_label(exact_set, lambda s, k=key: k.path + s)
-            reps = {False: child, True: child + "/"}
-        path_reps[ki] = reps.get(False) or reps[True]
-        parent = _enclosing_prefix(key, prefix_index)
-        for ci in range(len(column_list)):
-            path_slots[(ci, ki)] = [-1] * 5     # read_file, write_file, exec, read_dir, write_dir
-        for is_dir, path in reps.items():
-            if is_dir and not key.exact and not type_sensitive:
-                continue                # filled from the file verdicts below
-            rsub = _file_subject(path, is_dir)
-            for action in (FILE_READ, FILE_WRITE) if is_dir else _FILE_ACTIONS:
-                slot = (3 if is_dir else 0) + _FILE_ACTIONS.index(action)
-                for ci, found in applicable(rsub, action).items():
-                    name, groups, _ = column_list[ci]
-                    subsets[(ci, action, is_dir, ki)] = found
-                    hint = subsets.get((ci, action, is_dir, parent)) or subsets.get((ci, action, False, parent))
-                    ev.ask(found, rq.file_request(name, groups, action, path, is_dir),
-                           path_slots[(ci, ki)], slot, hint)
-
-    # Network classes per column: (kind, key) -> representative.
-    cidrs = set().union(*(a.cidrs for a in all_atoms)) if all_atoms else set()
-    names = set().union(*(a.names for a in all_atoms)) if all_atoms else set()
-    zones = set().union(*(a.zones for a in all_atoms)) if all_atoms else set()
-    net_keys: list[tuple[str, str, str | None, str | None]] = []   # (kind, key, host, ip)
-    for cidr, rep in _ip_classes(cidrs):
-        net_keys.append(("addr", cidr, None, rep))
-    net_keys.append(("name", "", _unique_label(names, lambda s: s), None))
-    for n in sorted(names):
-        net_keys.append(("name", n, n, None))
-    for z in sorted(zones):
-        net_keys.append(("name", z, _unique_label(names, lambda s, z=z: f"{s}.{z[2:]}"), None))
-
-    net_slots: dict[tuple[int, int], list[tuple[int, int, list]]] = {}
-    roots: dict[tuple[int, str], tuple[int, ...]] = {}  # first (root) class of each family: a hint
-    for ni, (kind, key, host, ip) in enumerate(net_keys):
-        family = kind if kind == "name" else key.count(":") and "v6" or "v4"
-        _, res_entity = rq.host_resource(host, ip, 0)
-        anc = {(p["type"], p["id"]) for p in res_entity["parents"] if not p["id"].endswith(":0")}
-        maybe = {("Host", key)} if kind == "name" and key and not key.startswith("*.") else set()
-        if ip:
-            maybe.add(("Host", ip))
-        addr = ipaddress.ip_address(ip) if ip else None
-        rsub = _Subject(("Host", "?"), frozenset(anc), frozenset(maybe),
-                        ip=(addr.version, int(addr)) if addr else None,
-                        context=frozenset(["port", "protocol", "ip" if ip else "hostname"]))
-        for ci, found in applicable(rsub, CONNECT).items():
-            name, groups, _ = column_list[ci]
-            hint = roots.setdefault((ci, family), found)
-            cuts: set[int] = set()
-            protocols = ["tcp"]
-            for i in found:
-                cuts |= by_index[i].atoms.ports
-                if by_index[i].atoms.reads_protocol:
-                    protocols = ["tcp", "udp"]
-            intervals: list[tuple[int, int, list]] = []
-            for lo, hi in _port_intervals(cuts):
-                slots: list = [-1, -1]
-                for pi, proto in enumerate(protocols):
-                    req = rq.net_request(name, groups, host, ip, lo, proto)
-                    ev.ask(found, req, slots, pi, hint)
-                intervals.append((lo, hi, slots))
-            net_slots[(ci, ni)] = intervals
-
-    ev.run()
-
-    # Tables.
-    tables = DecisionTables(agents={n: i for n, i in ids.items()}, other_agent=OTHER_AGENT_ID,
-                            policies=policy.policies, verdicts=ev.verdicts, path_rules=[],
-                            path_classes=[], addr_rules=[], name_rules=[], net_classes=[],
-                            port_rules=[])
-    for (ci, ki), slots in path_slots.items():
-        key = keys[ki]
-        if not key.exact and not type_sensitive:
-            slots[3], slots[4] = slots[0], slots[1]
-        row = len(tables.path_classes)
-        tables.path_classes.append(PathClass(*slots, representative=path_reps[ki]))
-        for aid in column_list[ci][2]:
-            tables.path_rules.append(PathRule(aid, key.path, key.exact, row))
-    for (ci, ni), intervals in net_slots.items():
-        kind, key, host, ip = net_keys[ni]
-        row = len(tables.net_classes)
-        tables.net_classes.append(NetClass(kind, host or ip or ""))
-        for aid in column_list[ci][2]:
-            if kind == "addr":
-                tables.addr_rules.append(AddrRule(aid, key, row))
-            else:
-                tables.name_rules.append(NameRule(aid, key, row))
-        for pi, proto in enumerate((6, 17)):
-            spans: dict[int, int] = defaultdict(int)
-            for lo, hi, slots in intervals:
-                spans[slots[pi] if slots[pi] != -1 else slots[0]] += hi - lo + 1
-            # LPM: one /0 entry for the commonest verdict, the exceptions as
-            # disjoint aligned blocks that out-match it.
-            default = max(spans, key=lambda v: (spans[v], -v))
-            tables.port_rules.append(PortRule(row, proto, 0, 0, default))
-            for lo, hi, slots in intervals:
-                v = slots[pi] if slots[pi] != -1 else slots[0]
-                if v != default:
-                    for start, bits in _port_blocks(lo, hi):
-                        tables.port_rules.append(PortRule(row, proto, start, bits, v))
-    tables.cedar_requests = ev.cedar_requests
-    return tables
+    mentioned = {pid for c in candidates for kind, pid in c.atoms.principals if kind == "Agent"}
+    job = _Compilation(policy, candidates, _agent_ids(policy, agent_ids, mentioned))
+    job.ask_paths()
+    job.ask_network()
+    return job.tables()
