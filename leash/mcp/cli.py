@@ -52,13 +52,21 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
                    help="answer a request the server leaves unanswered this long (progress "
                         "notifications extend it; 0: wait forever; default 300)")
-    p.add_argument("--max-message-bytes", type=int, default=16 << 20, metavar="N",
+    p.add_argument("--max-message-bytes", type=_positive, default=16 << 20, metavar="N",
                    help="largest JSON-RPC message accepted from either side (default 16 MiB)")
     p.add_argument("--allow-method", action="append", default=[], metavar="METHOD",
                    help="let an extension method through (repeatable)")
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1024:
+        raise argparse.ArgumentTypeError("must be at least 1024")
+    return value
+
+
 def _gateway(args: argparse.Namespace, transport: str, client_pid: int = 0) -> tuple[Gateway, AuditLog]:
+    """Raises PolicyLoadError (the policy) or OSError (the audit log)."""
     log = AuditLog(args.audit_log)
     settings = Settings(agent=args.agent, server=args.server, transport=transport, mode=args.mode,
                         timeout_s=max(0.0, args.timeout), max_message_bytes=args.max_message_bytes,
@@ -76,6 +84,9 @@ def run_wrap(args: argparse.Namespace) -> int:
         gateway, log = _gateway(args, "stdio", client_pid())
     except PolicyLoadError as e:
         print(f"leash: policy {args.policy} does not load:\n{e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"leash: cannot open the audit log {args.audit_log}: {e.strerror}", file=sys.stderr)
         return 2
     try:
         return asyncio.run(wrap(gateway, command))
@@ -95,6 +106,9 @@ def run_proxy(args: argparse.Namespace) -> int:
         gateway, log = _gateway(args, "http")
     except PolicyLoadError as e:
         print(f"leash: policy {args.policy} does not load:\n{e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"leash: cannot open the audit log {args.audit_log}: {e.strerror}", file=sys.stderr)
         return 2
     try:
         return asyncio.run(serve(gateway, config))

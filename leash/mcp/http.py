@@ -660,10 +660,16 @@ async def _within(awaitable, deadline: float | None):
 
 
 async def serve(gateway: Gateway, config: ProxyConfig) -> int:
-    """Serve until SIGTERM or SIGINT; SIGHUP reloads the policy."""
+    """Serve until SIGTERM or SIGINT (exit status 0; 2 when LISTEN cannot be
+    bound); SIGHUP reloads the policy."""
     loop = asyncio.get_running_loop()
     proxy = Proxy(gateway, config)
-    server = await asyncio.start_server(proxy.handle, config.listen_host, config.listen_port, limit=HEAD_LIMIT)
+    try:
+        server = await asyncio.start_server(proxy.handle, config.listen_host, config.listen_port, limit=HEAD_LIMIT)
+    except OSError as e:
+        print(f"leash mcp proxy: cannot listen on {config.listen_host}:{config.listen_port}: {e.strerror or e}",
+              file=sys.stderr)
+        return 2
     port = server.sockets[0].getsockname()[1]
     print(f"leash mcp proxy: http://{config.listen_host}:{port}{config.endpoint} -> {config.upstream}",
           file=sys.stderr, flush=True)
