@@ -239,8 +239,11 @@ class Proxy:
             return True
         headers = head.end_to_end()
         try:
-            conn, rhead = await _within(self.upstream.request("POST", headers, routed.to_server[0]),
-                                        session.next_deadline(routed.forwarded))
+            conn, rhead = await _guarded(self.upstream.request("POST", headers, routed.to_server[0]),
+                                         session.next_deadline(routed.forwarded), reader)
+        except _ClientGone:
+            session.abandon(routed.forwarded, "the client disconnected before the answer")
+            return False
         except asyncio.TimeoutError:
             timed_out = session.expire(ids=routed.forwarded)
             await _answer(writer, 504, routed.to_client + timed_out.to_client)
@@ -307,7 +310,12 @@ class Proxy:
                                       routed.forwarded, head)
         limit = self.gw.settings.max_message_bytes
         try:
-            body = await _within(read_body(conn.reader, framing, limit), session.next_deadline(routed.forwarded))
+            body = await _guarded(read_body(conn.reader, framing, limit),
+                                  session.next_deadline(routed.forwarded), reader)
+        except _ClientGone:
+            conn.close()
+            session.abandon(routed.forwarded, "the client disconnected before the answer")
+            return False
         except asyncio.TimeoutError:
             conn.close()
             timed_out = session.expire(ids=routed.forwarded)
@@ -650,6 +658,27 @@ def _why(e: BaseException) -> str:
 
 def _now() -> float:
     return asyncio.get_running_loop().time()
+
+
+class _ClientGone(Exception):
+    pass
+
+
+async def _guarded(awaitable, deadline: float | None, client: asyncio.StreamReader):
+    """`awaitable`'s result, unless the deadline passes first
+    (asyncio.TimeoutError) or the client hangs up while it waits (_ClientGone);
+    then `awaitable` is cancelled."""
+    task = asyncio.ensure_future(awaitable)
+    watch = asyncio.ensure_future(client.read(1))
+    try:
+        done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED,
+                                     timeout=None if deadline is None else max(0.0, deadline - _now()))
+        if task in done:
+            return task.result()
+        task.cancel()
+        raise _ClientGone() if watch in done else asyncio.TimeoutError()
+    finally:
+        watch.cancel()
 
 
 async def _within(awaitable, deadline: float | None):

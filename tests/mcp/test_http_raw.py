@@ -238,6 +238,22 @@ def test_client_disconnects_mid_stream(proxied, upstream):
     assert status == 200
 
 
+def test_client_disconnects_while_upstream_thinks(proxied, upstream):
+    p = proxied()
+    sock = socket.create_connection(("127.0.0.1", p.port))
+    body = json.dumps(tool_call(1, "hang", {})).encode()
+    sock.sendall(b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    deadline = time.monotonic() + 20
+    while upstream.calls() != ["hang"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    sock.close()
+    while not any(r.details.get("outcome") == "client gone" for r in p.records()):
+        assert time.monotonic() < deadline, "the disconnect was not noticed"
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("tool, why", [
     ("html", "without a JSON-RPC body"),
     ("wrong_id", "left this request unanswered"),
