@@ -452,16 +452,18 @@ class CompatBackend(LsmBackend):
 
     def _responder_crashed(self, error: BaseException) -> None:
         """The kernel already allowed what was pending when the group closed.
-        Governed processes must not go on unwatched: kill them, then make the
-        daemon stop (its SIGTERM path) so the failure is seen."""
-        self._internal(f"fanotify responder crashed ({type(error).__name__}: {error}); "
-                       "governed processes killed, leash stopping", decision="deny")
+        Governed processes must not go on unwatched: kill them, record why,
+        then make the daemon stop (its SIGTERM path) so the failure is seen."""
         tids = self._maps.get("compat_tids")
         for key in tids.keys() if tids is not None else ():
             try:
                 os.kill(struct.unpack("<I", key)[0], signal.SIGKILL)
             except OSError:
                 pass
+        self._internal(f"fanotify responder crashed ({type(error).__name__}: {error}); "
+                       "governed processes killed, leash stopping", decision="deny")
+        with self._drained:
+            self._drained.wait_for(lambda: self._backlog == 0, timeout=5)
         os.kill(os.getpid(), signal.SIGTERM)
 
     # ------------------------------------------------------------- queries

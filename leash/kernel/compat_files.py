@@ -74,33 +74,61 @@ def loader_identities() -> set[tuple[int, int]]:
 
 
 class Task:
-    """What /proc says about the thread blocked in the event."""
-    __slots__ = ("tid", "tgid", "ppid", "uid", "exe", "flags", "syscall", "args")
+    """What /proc says about the thread blocked in the event. The syscall and
+    flags decide; the rest is read only when a record is written."""
+    __slots__ = ("tid", "ppid", "flags", "syscall", "args", "_tgid", "_uid", "_exe")
 
     def __init__(self, tid: int) -> None:
         self.tid = tid
-        self.tgid = self.ppid = self.uid = self.flags = 0
-        self.exe = ""
+        self.ppid = self.flags = 0
+        self._tgid: int | None = None
+        self._uid = 0
+        self._exe: str | None = None
         self.syscall: int | None = None
         self.args: list[int] = []
         try:
-            with open(f"/proc/{tid}/stat", "rb") as f:
-                after = f.read().rsplit(b")", 1)[1].split()
+            after = fan.read_proc(f"/proc/{tid}/stat").rsplit(b")", 1)[1].split()
             self.ppid = int(after[1])
             self.flags = int(after[6])
-            with open(f"/proc/{tid}/status", "rb") as f:
-                for line in f:
-                    if line.startswith(b"Tgid:"):
-                        self.tgid = int(line.split()[1])
-                    elif line.startswith(b"Uid:"):
-                        self.uid = int(line.split()[1])
-                        break
-            self.exe = os.readlink(f"/proc/{tid}/exe")
         except (OSError, IndexError, ValueError):
-            pass
+            self.flags = PF_DUMPCORE       # unknown state: judged as strictly as a core dump
         sc = fan.syscall_of(tid)
         if sc is not None:
             self.syscall, self.args = sc
+
+    def _status(self) -> None:
+        self._tgid = self.tid
+        try:
+            with open(f"/proc/{self.tid}/status", "rb") as f:
+                for line in f:
+                    if line.startswith(b"Tgid:"):
+                        self._tgid = int(line.split()[1])
+                    elif line.startswith(b"Uid:"):
+                        self._uid = int(line.split()[1])
+                        break
+        except (OSError, ValueError):
+            pass
+
+    @property
+    def tgid(self) -> int:
+        if self._tgid is None:
+            self._status()
+        return self._tgid
+
+    @property
+    def uid(self) -> int:
+        if self._tgid is None:
+            self._status()
+        return self._uid
+
+    @property
+    def exe(self) -> str:
+        if self._exe is None:
+            try:
+                self._exe = os.readlink(f"/proc/{self.tid}/exe")
+            except OSError:
+                self._exe = ""
+        return self._exe
 
 
 class Outcome:
@@ -197,7 +225,7 @@ class FileDecider:
             out = Outcome(False, out.action, out.resource, reason="audit backlog full: an allow "
                           "that cannot be recorded is refused")
         if out.allow and stat.S_ISREG(st.st_mode) and out.action in (FILE_READ, FILE_WRITE):
-            self._note_rw(ev.agent, ev.fd, st, path)
+            self._note_rw(ev.agent, ev.fd, st, path, out.action)
         allowed = out.allow or self.mode == "audit"
         self._record(ev.agent, task, out, is_dir)
         return allowed
@@ -258,8 +286,10 @@ class FileDecider:
                 return False
         return True
 
-    def _note_rw(self, agent: int, fd: int, st: os.stat_result, path: str) -> None:
-        if not self._may(agent, path, False, (FILE_READ, FILE_WRITE)):
+    def _note_rw(self, agent: int, fd: int, st: os.stat_result, path: str, allowed: str) -> None:
+        """`allowed` (read or write) was just allowed here; is the other too?"""
+        other = FILE_WRITE if allowed == FILE_READ else FILE_READ
+        if not self._may(agent, path, False, (other,)):
             return
         handle = fan.handle_of(fd)
         if handle is None:
@@ -365,44 +395,51 @@ class FileDecider:
     # ------------------------------------------------------------- records
 
     def _record(self, agent: int, task: Task, out: Outcome, is_dir: bool) -> None:
-        decision = "allow" if out.allow else "deny"
-        rec = AuditRecord(
-            time_ns=now_ns(), agent=self.names.get(agent, f"agent#{agent}"), action=out.action,
-            resource=out.resource, decision=decision, policies=out.policies, backend="compat",
-            mode=self.mode, pid=task.tgid or task.tid, ppid=task.ppid, uid=task.uid, exe=task.exe,
-            reason=out.reason, details={"tid": task.tid, "class": out.table_class} if out.table_class
-            else {"tid": task.tid})
+        count = 1
         if out.allow:
-            rec = self._fold(rec)
-            if rec is None:
+            folded = self._fold((agent, task.tid, out.action, out.resource))
+            if folded is None:
                 return
-        self.sink(rec)
+            count = folded
+        self.sink(self._build(agent, task, out, count))
 
-    def _fold(self, rec: AuditRecord) -> AuditRecord | None:
-        """Identical allows by one process within the window become a count
-        on the next one recorded (flush() reports what is left at stop)."""
-        key = (rec.agent, rec.pid, rec.action, rec.resource)
+    def _build(self, agent: int, task: Task, out: Outcome, count: int) -> AuditRecord:
+        details: dict[str, object] = {"tid": task.tid}
+        if out.table_class:
+            details["class"] = out.table_class
+        return AuditRecord(
+            time_ns=now_ns(), agent=self.names.get(agent, f"agent#{agent}"), action=out.action,
+            resource=out.resource, decision="allow" if out.allow else "deny", policies=out.policies,
+            backend="compat", mode=self.mode, pid=task.tgid, ppid=task.ppid, uid=task.uid,
+            exe=task.exe, count=count, reason=out.reason, details=details)
+
+    def _fold(self, key: tuple) -> int | None:
+        """Identical allows by one thread within the window become a count on
+        the next one recorded: None when this one is folded, else its count
+        (flush() reports what is left at stop)."""
         now = time.monotonic_ns()
         with self._dedup_lock:
             slot = self._dedup.get(key)
             if slot is not None and now - slot[0] < DEDUP_WINDOW_NS:
                 slot[1] += 1
-                slot[2] = rec
                 return None
-            if slot is not None and slot[1]:
-                rec.count += slot[1]
-            self._dedup[key] = [now, 0, rec]
+            count = 1 + (slot[1] if slot is not None else 0)
+            self._dedup[key] = [now, 0, None]
             if len(self._dedup) > 4 * _NEGATIVE_CACHE:
                 self._expire(now)
-        return rec
+        return count
 
     def _expire(self, now: int) -> None:
+        """Forget old windows; a window that folded allows is reported now
+        (its last record's details are gone: it says what and how many)."""
         for key in [k for k, s in self._dedup.items() if now - s[0] >= DEDUP_WINDOW_NS]:
             slot = self._dedup.pop(key)
             if slot[1]:
-                last = slot[2]
-                last.count = slot[1]
-                self.sink(last)
+                agent, tid, action, resource = key
+                self.sink(AuditRecord(
+                    time_ns=now_ns(), agent=self.names.get(agent, f"agent#{agent}"), action=action,
+                    resource=resource, decision="allow", backend="compat", mode=self.mode, pid=tid,
+                    count=slot[1], details={"tid": tid, "folded": True}))
 
     def flush(self) -> None:
         """Report the allows still folded (at stop)."""

@@ -324,10 +324,10 @@ def syscall_of(tid: int, tries: int = 200) -> tuple[int, list[int]] | None:
     permission answer is blocked, so this names the open that waits; it may
     still be on its way to sleep when we look (the kernel says "running"),
     hence the retries."""
+    path = f"/proc/{tid}/syscall"
     for attempt in range(tries):
         try:
-            with open(f"/proc/{tid}/syscall", "rb") as f:
-                fields = f.read().split()
+            fields = read_proc(path).split()
         except OSError:
             return None
         if fields and fields[0] == b"running":
@@ -343,6 +343,16 @@ def syscall_of(tid: int, tries: int = 200) -> tuple[int, list[int]] | None:
             return None
         return nr, [int(x, 16) for x in fields[1:7]]
     return None
+
+
+def read_proc(path: str) -> bytes:
+    """A small /proc file in one read, without the io module's layers: the
+    responder reads two of these for every governed open."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 4096)
+    finally:
+        os.close(fd)
 
 
 def read_user(tid: int, address: int, size: int) -> bytes | None:
