@@ -12,7 +12,9 @@ Transports:
 Clients speak the raw protocol (initialize handshake, then sequential
 tools/call), so what is measured is the server and the gateway, not an SDK
 client. Direct and gateway calls alternate in blocks so both see the same
-machine load. Prints a markdown table.
+machine load; the gateway's own CPU time per call is measured too (from
+/proc), a figure other load on the machine does not inflate. Prints a
+markdown table.
 """
 
 from __future__ import annotations
@@ -105,16 +107,25 @@ class HttpPeer:
         self.conn.close()
 
 
-def measure(direct, gated, calls: int, block: int) -> tuple[list[float], list[float]]:
+def cpu_seconds(pid: int) -> float:
+    """User+system CPU time a process has used so far."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(direct, gated, gateway_pid: int, calls: int, block: int) -> tuple[list[float], list[float], float]:
+    """Per-call latencies direct and through the gateway, and the gateway's
+    own CPU time per call (which other load on the machine does not inflate)."""
     for _ in range(block):                      # warm-up: imports, caches, connections
         direct.one()
         gated.one()
     a: list[float] = []
     b: list[float] = []
+    cpu = cpu_seconds(gateway_pid)
     while len(a) < calls:
         a += [direct.one() for _ in range(block)]
         b += [gated.one() for _ in range(block)]
-    return a, b
+    return a, b, (cpu_seconds(gateway_pid) - cpu) / len(b)
 
 
 def pct(values: list[float], p: float) -> float:
@@ -137,6 +148,7 @@ def main() -> int:
     ap.add_argument("--block", type=int, default=100)
     args = ap.parse_args()
 
+    load_before = f"{os.getloadavg()[0]:.2f}"
     tmp = Path(tempfile.mkdtemp(prefix="leash-mcp-bench-"))
     policy = write_policy(tmp / "policy")
     audit = tmp / "audit.jsonl"
@@ -145,7 +157,7 @@ def main() -> int:
     direct = StdioPeer([sys.executable, str(SERVER_APP)])
     gated = StdioPeer([sys.executable, "-m", "leash.mcp", "wrap", "--policy", str(policy), "--agent", "claude",
                        "--server", "files", "--audit-log", str(audit), "--", sys.executable, str(SERVER_APP)])
-    rows.append(("stdio", *measure(direct, gated, args.calls, args.block)))
+    rows.append(("stdio", *measure(direct, gated, gated.proc.pid, args.calls, args.block)))
     direct.close()
     gated.close()
 
@@ -153,24 +165,24 @@ def main() -> int:
         server, port = start_http_server(kind)
         proxy, proxy_port = start_proxy(policy, audit, f"http://127.0.0.1:{port}/mcp")
         direct_h, gated_h = HttpPeer(port), HttpPeer(proxy_port)
-        rows.append((f"http-{kind}", *measure(direct_h, gated_h, args.calls, args.block)))
+        rows.append((f"http-{kind}", *measure(direct_h, gated_h, proxy.pid, args.calls, args.block)))
         direct_h.close()
         gated_h.close()
         stop(proxy)
         stop(server)
 
     recorded = sum(1 for line in audit.read_bytes().splitlines() if b'"tools/call"' in line)
-    print(f"Machine: {machine()}\n")
+    print(f"Machine: {machine()}; load average {load_before} before, {os.getloadavg()[0]:.2f} after\n")
     print(f"{args.calls} sequential tools/call per path and transport, alternating blocks of {args.block}; "
           f"{recorded} audit records written.\n")
     print("| transport | direct p50 | direct p99 | via leash p50 | via leash p99 | added p50 | added p99 "
-          "| calls/s direct | calls/s via leash |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for name, a, b in rows:
+          "| calls/s direct | calls/s via leash | gateway CPU per call |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, a, b, cpu in rows:
         ms = [x * 1e3 for x in (pct(a, .5), pct(a, .99), pct(b, .5), pct(b, .99))]
         print(f"| {name} | {ms[0]:.2f} ms | {ms[1]:.2f} ms | {ms[2]:.2f} ms | {ms[3]:.2f} ms "
               f"| {ms[2] - ms[0]:.2f} ms | {ms[3] - ms[1]:.2f} ms "
-              f"| {1 / statistics.mean(a):,.0f} | {1 / statistics.mean(b):,.0f} |")
+              f"| {1 / statistics.mean(a):,.0f} | {1 / statistics.mean(b):,.0f} | {cpu * 1e6:.0f} µs |")
     return 0
 
 
