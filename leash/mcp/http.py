@@ -323,7 +323,9 @@ class Proxy:
             return True
         except TooLarge as e:
             conn.close()
-            frames = routed.to_client + session.oversized(SERVER, e.prefix).to_client
+            too_big = session.oversized(SERVER, e.prefix)
+            self._side_post(too_big.to_server, head)
+            frames = routed.to_client + too_big.to_client
             frames += session.fail(session.pending(routed.forwarded), "the MCP server's answer is too large").to_client
             await _answer(writer, 502, frames)
             return True
@@ -465,7 +467,9 @@ class Proxy:
             return chunk(sse.encode(event))           # keep-alive pings
         frames: list[bytes] = []
         if event.oversized:
-            frames = session.oversized(SERVER, event.data or b"").to_client
+            too_big = session.oversized(SERVER, event.data or b"")
+            self._side_post(too_big.to_server, head)
+            frames = too_big.to_client
         elif event.data:
             if event.event in (None, "message"):
                 routed = session.from_server(event.data)

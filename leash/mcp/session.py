@@ -268,7 +268,7 @@ class Session:
         to_server: list[Message] = []
         for item in frame.items:
             if isinstance(item, WireError):
-                self._server_garbage(item, to_client)
+                self._server_garbage(item, to_client, to_server)
                 continue
             kind = jsonrpc.classify(item)
             if kind in (jsonrpc.RESULT, jsonrpc.ERROR):
@@ -361,9 +361,13 @@ class Session:
                 self._finish_server_call(target, call, "cancelled", None)
         to_client.append(msg)
 
-    def _server_garbage(self, error: WireError, to_client: list[Message]) -> None:
-        """An unusable message from the server. If it names a pending request,
-        the client is told instead of being left waiting."""
+    def _server_garbage(self, error: WireError, to_client: list[Message], to_server: list[Message]) -> None:
+        """An unusable message from the server. The server is told (an error
+        without an id, as JSON-RPC answers an invalid message); if the message
+        names a pending request, the client is told instead of being left
+        waiting."""
+        to_server.append(jsonrpc.error_reply(None, error.code, "leash: invalid message from the MCP server: "
+                                             + error.message))
         call = self.calls.pop(error.id, None) if error.id is not None else None
         if call is not None and not call.done:
             to_client.append(jsonrpc.error_reply(error.id, jsonrpc.UPSTREAM_FAILED,
@@ -381,14 +385,14 @@ class Session:
                            reason=f"invalid message from the {side}: {error.message}")
             (routed.to_server if side == CLIENT else routed.to_client).append(data)
             return
+        out: list[Message] = []
         if side == CLIENT:
-            out: list[Message] = []
             self._refuse(error.id, error.code, error.message, "-", "invalid", out)
-            _put(routed.to_client, out, False)
         else:
-            out = []
-            self._server_garbage(error, out)
-            _put(routed.to_client, out, False)
+            back: list[Message] = []
+            self._server_garbage(error, out, back)
+            _put(routed.to_server, back, False)
+        _put(routed.to_client, out, False)
 
     def _audit_passes_broken_batch(self, side: str, frame: jsonrpc.Frame, data: bytes, routed: Routed) -> bool:
         """Audit mode forwards a batch with invalid elements untouched, as it
@@ -410,7 +414,9 @@ class Session:
         if side == CLIENT:
             self._refuse(error.id, error.code, error.message, "-", "invalid", out, force=True)
         else:
-            self._server_garbage(error, out)
+            back: list[Message] = []
+            self._server_garbage(error, out, back)
+            _put(routed.to_server, back, False)
         _put(routed.to_client, out, False)
         return routed
 

@@ -255,6 +255,9 @@ def test_invalid_answers_from_the_server(wrapped):
     assert (rid, code) == (1, jsonrpc.UPSTREAM_FAILED) and "invalid answer" in message
     # An answer for an id nobody asked about is dropped; the call itself then times out.
     assert error_of(w.call(tool_call(2, "wrong_id", {})))[:2] == (2, jsonrpc.UPSTREAM_TIMEOUT)
+    # The server was told about its invalid message (before it saw call 2).
+    told = [m for m in w.server_saw() if "error" in m]
+    assert (told[0]["id"], told[0]["error"]["code"]) == (None, jsonrpc.PARSE_ERROR)
     reasons = [r.reason for r in w.records()]
     assert "the server answered a request the client never made" in reasons
 
