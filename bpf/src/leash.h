@@ -269,6 +269,7 @@ enum leash_reason {
 	LEASH_WHY_LINK = 13,
 	LEASH_WHY_RENAME = 14,
 	LEASH_WHY_MPROTECT = 15,
+	LEASH_WHY_URING = 16,           /* io_uring request under other credentials */
 };
 
 /* docs/bpf.md describes this record; leash/kernel/lsm.py decodes it. */

@@ -16,22 +16,20 @@ char LICENSE[] SEC("license") = "GPL";
 #define S_IFDIR 0040000
 #define CGROUP_SUPER_MAGIC 0x27e0eb
 #define CGROUP2_SUPER_MAGIC 0x63677270
-#define FMODE_BACKING 0x2000000         /* 6.6+; unused before */
 
 /*
- * A stacking filesystem (overlayfs) opening the real file behind a file the
- * task has just opened, with the filesystem's credentials: the outer open
- * was judged already, and the inner one may carry the lower layer's path.
- * Before 6.6 the inner file has the outer file's path over the real inode
- * (another superblock); from 6.6 it is a backing file.
+ * An open a stacking filesystem (overlayfs) makes on its own behalf: the
+ * real file behind a file the task has just opened (judged already; the
+ * inner one carries another layer's path), or its copy-up work files. It
+ * runs under the filesystem's credentials; governed tasks cannot override
+ * their own (lsm_self.bpf.c refuses io_uring's). Before 6.6 the real file
+ * also shows the stacked path over an inode of another superblock.
  */
 static __always_inline int leash_stacked_open(struct file *file)
 {
 	struct task_struct *task = bpf_get_current_task_btf();
 
-	if (file->f_inode->i_sb != file->f_path.dentry->d_sb)
-		return 1;
-	return (file->f_mode & FMODE_BACKING) && task->cred != task->real_cred;
+	return task->cred != task->real_cred || file->f_inode->i_sb != file->f_path.dentry->d_sb;
 }
 
 /* Path prefixes no governed agent may open, whatever the policy says. */
@@ -149,11 +147,19 @@ static __always_inline int leash_marked(struct inode *inode, __u32 agent, __u32 
 
 static __always_inline int leash_rename_guard(struct dentry *old, struct dentry *new, __u16 reason)
 {
+	struct task_struct *task = bpf_get_current_task_btf();
 	struct leash_decision d = {};
 	struct leash_config *cfg;
 	struct leash_scratch *s;
-	__u32 agent = leash_agent();
+	__u32 agent;
 
+	/* A stacking filesystem (overlayfs copy-up, its rename or link on the
+	 * upper layer) acting under its own credentials: the operation the task
+	 * asked for was judged on the stacked inodes. Governed tasks cannot
+	 * override their credentials themselves (lsm_self.bpf.c, io_uring). */
+	if (task->cred != task->real_cred)
+		return 0;
+	agent = leash_agent_of(task);
 	if (!agent)
 		return 0;
 	cfg = leash_cfg();

@@ -1,8 +1,10 @@
 // SPDX-License-Identifier: GPL-2.0 OR Apache-2.0
 /*
  * Self-protection, whatever the policy says: a governed agent cannot use
- * bpf(), nor trace or signal the leash daemon. (Cgroup writes and leash's
- * own files are guarded in lsm_file.bpf.c.)
+ * bpf(), nor trace or signal the leash daemon, nor run io_uring requests
+ * under other credentials (leash tells a filesystem's own credential
+ * overrides from the task's by that). Cgroup writes and leash's own files
+ * are guarded in lsm_file.bpf.c.
  */
 #include "leash.h"
 
@@ -60,4 +62,12 @@ int BPF_PROG(leash_task_kill, struct task_struct *p, struct kernel_siginfo *info
 	if (!agent || !leash_is_daemon(p))
 		return 0;
 	return leash_refuse(agent, LEASH_WHY_SIGNAL, p->tgid);
+}
+
+SEC("lsm/uring_override_creds")
+int BPF_PROG(leash_uring_override_creds, const struct cred *new)
+{
+	__u32 agent = leash_agent();
+
+	return agent ? leash_refuse(agent, LEASH_WHY_URING, 0) : 0;
 }

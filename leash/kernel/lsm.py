@@ -57,6 +57,7 @@ REASONS = {
     13: "hard link to a file the agent may not both read and write",
     14: "rename of a file the agent may not both read and write (or of a directory)",
     15: "making a file mapping executable under a directly run ELF interpreter",
+    16: "governed agents may not run io_uring requests under other credentials",
 }
 STATS = {0: "deny", 1: "allow", 2: "audit"}
 PROTOCOLS = {tbl.PROTO_TCP: "tcp", tbl.PROTO_UDP: "udp"}
@@ -310,7 +311,13 @@ class LsmBackend:
 
     def _on_event(self, data: bytes) -> None:
         self.events += 1
-        self._sink(self._record(EVENT.unpack_from(data)))
+        try:
+            rec = self._record(EVENT.unpack_from(data))
+        except (struct.error, ValueError, KeyError) as e:
+            rec = audit.AuditRecord(time_ns=audit.now_ns(), agent="", action="Internal",
+                                    resource="ring buffer", decision="deny", backend="lsm",
+                                    mode=self._mode, reason=f"undecodable kernel event: {e}")
+        self._sink(rec)
 
     def _record(self, f: tuple) -> audit.AuditRecord:
         (ktime, tgid, _pid, ppid, uid, agent, generation, class_id, count, target, action, reason,

@@ -32,6 +32,8 @@ POLICY = f"""
 permit (principal == Agent::"bot", action == Action::"FileOpenReadOnly", resource in Dir::"/");
 @id("work")
 permit (principal == Agent::"bot", action in Action::"FileOpen", resource in Dir::"{LT}/w/");
+@id("etc-hostname")
+permit (principal == Agent::"bot", action in Action::"FileOpen", resource == File::"/etc/hostname");
 @id("devnull")
 permit (principal, action in Action::"FileOpen", resource == File::"/dev/null");
 @id("no-secrets")

@@ -67,6 +67,14 @@ def test_writes(lz, bot, other):
     assert both(bot, other, f"result = try_open('{LT}/w/secrets/new', {wr})") == (EPERM, 0)
 
 
+def test_overlay_copy_up_is_not_judged_again(lz, bot):
+    """/etc is an overlay in the VM with the host's /etc below: writing a
+    lower-layer file copies it up through work files leash never judges."""
+    assert bot.run("result = try_open('/etc/hostname', os.O_WRONLY | os.O_APPEND)") == 0
+    assert bot.run("result = try_open('/etc/passwd', os.O_WRONLY | os.O_APPEND)") == EPERM
+    assert not lz.records.matching(lambda r: r.pid == bot.pid and "virtme" in r.resource)
+
+
 def test_deny_record_names_policy_path_and_process(lz, bot):
     assert bot.run(f"result = try_open('{LT}/w/secrets/s.txt')") == EPERM
     rec = lz.records.find(lambda r: r.resource == f"{LT}/w/secrets/s.txt" and r.decision == "deny")
