@@ -32,6 +32,7 @@ from leash.mcp.session import CLIENT, SERVER, Gateway, Routed, Session
 IDLE_CLIENT_S = 300.0        # a keep-alive client connection with no request this long is closed
 CONNECT_TIMEOUT_S = 10.0
 MAX_SESSIONS = 256           # MCP sessions remembered (least recently used beyond that are dropped)
+MAX_IDLE_UPSTREAM = 16       # idle keep-alive connections to the upstream kept for reuse
 _STATUS_OF_CODE = {
     jsonrpc.PARSE_ERROR: 400, jsonrpc.INVALID_REQUEST: 400, jsonrpc.INVALID_PARAMS: 400,
     jsonrpc.HEADER_MISMATCH: 400, jsonrpc.METHOD_NOT_FOUND: 404,
@@ -135,7 +136,7 @@ class _Upstream:
         return _Conn(reader, writer, reused=False)
 
     def release(self, conn: _Conn, head: Head) -> None:
-        if "close" in head.tokens("connection") or conn.reader.at_eof():
+        if "close" in head.tokens("connection") or conn.reader.at_eof() or len(self._idle) >= MAX_IDLE_UPSTREAM:
             conn.close()
             return
         conn.reused = True
