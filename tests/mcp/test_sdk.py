@@ -138,3 +138,32 @@ def test_arguments_recorded_only_as_configured(connect, transport, tmp_path):
     calls = [r for r in records(tmp_path / "audit.jsonl") if r.details.get("method") == "tools/call"]
     assert [r.details["arguments"] for r in calls] == [{"path": "/workspace/a"}, {"path": "/workspace/b"}]
     assert b"s3cr3t" not in (tmp_path / "audit.jsonl").read_bytes()
+
+
+@pytest.mark.parametrize("kind", ["json", "sse"])
+def test_concurrent_sessions_share_one_proxy(http_servers, kind, tmp_path):
+    """Clients in both protocol eras, at once, through one proxy: their request
+    ids overlap (each starts at 1) and must not be confused."""
+    policy = write_policy(tmp_path / "policy")
+    proc, port = start_proxy(policy, tmp_path / "audit.jsonl", f"http://127.0.0.1:{http_servers[kind]}/mcp")
+    url = f"http://127.0.0.1:{port}/mcp"
+    results: dict[str, list[str]] = {}
+
+    async def one(name: str, mode: str) -> None:
+        async with Client(url, mode=mode) as client:
+            got = []
+            for i in range(5):
+                got.append((await client.call_tool("echo", {"text": f"{name}-{i}"})).content[0].text)
+                await refused(client, "delete_file", {"path": "/w"})
+            results[name] = got
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            for name, mode in (("a", "auto"), ("b", "legacy"), ("c", "legacy"), ("d", "auto")):
+                tg.start_soon(one, name, mode)
+
+    try:
+        anyio.run(main)
+    finally:
+        stop(proc)
+    assert results == {n: [f"{n}-{i}" for i in range(5)] for n in "abcd"}
