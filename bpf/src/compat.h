@@ -46,6 +46,30 @@ struct {
 	__type(value, __u32);
 } compat_fs SEC(".maps");
 
+/*
+ * Mount namespaces (inode numbers) in which a governed process called a
+ * mount-family syscall. compat cannot refuse a mount, so the mounter is
+ * killed, and so is every governed process found opening files there
+ * afterwards (compat_mounts.bpf.c). compat_poison_count[0] > 0 once any is.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, __u32);
+} compat_poisoned SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} compat_poison_count SEC(".maps");
+
+/* Reasons beyond leash.h's, decoded by leash/kernel/compat.py. */
+#define COMPAT_WHY_MOUNT 32             /* a mount-family syscall by a governed process */
+#define COMPAT_WHY_POISONED 33          /* an open in a mount namespace where one happened */
+
 static __always_inline __u32 compat_agent(void)
 {
 	__u32 tid = (__u32)bpf_get_current_pid_tgid();

@@ -7,6 +7,8 @@
               userspace from the same tables (compat_files.py)
     processes tp_btf fork/exec/exit: scope by task (scope.bpf.c) and by thread
               id for the responder and sock_addr programs (compat_tasks.bpf.c)
+    mounts    syscall tracepoints: a governed process that mounts is killed and
+              its mount namespace poisoned (compat_mounts.bpf.c)
 
 The tables, their two generations, the ring buffer and its records are the
 lsm backend's machinery, inherited; what differs is what is loaded and where
@@ -38,7 +40,15 @@ from leash.kernel.compat_moves import MoveWatcher
 from leash.kernel.lsm import PIN_ROOT, LsmBackend, default_protected, mount_bpffs, remove_stale_pins
 from leash.policy.tables import DecisionTables
 
-COMPAT_OBJECTS = ("compat_tasks", "compat_net")
+COMPAT_OBJECTS = ("compat_tasks", "compat_net", "compat_mounts")
+TRACEFS = "/sys/kernel/tracing"
+# compat.h's reasons beyond leash.h's
+COMPAT_REASONS = {
+    32: "mount by a governed process: compat cannot refuse it, so the process was killed "
+        "and its mount namespace poisoned",
+    33: "open in a mount namespace where a governed process mounted: killed before it "
+        "could use it",
+}
 MARK_MASK = fan.FAN_OPEN_PERM | fan.FAN_OPEN_EXEC_PERM | fan.FAN_ONDIR
 BTF_PATH = "/sys/kernel/btf/vmlinux"
 
@@ -68,25 +78,34 @@ class Mount(msgspec.Struct, frozen=True):
     user_dev: int         # st_dev as stat() reports it
     path: str
     fstype: str
+    root: str = "/"       # the directory of the filesystem mounted there
+    mount_id: int = 0
 
 
-def filesystems(mountinfo: str | None = None) -> list[Mount]:
-    """One visible mount per superblock, in mount order."""
+def mounts(mountinfo: str | None = None) -> list[Mount]:
+    """Every mount in leash's mount namespace, in mount order."""
     if mountinfo is None:
         with open("/proc/self/mountinfo") as f:
             mountinfo = f.read()
-    seen: dict[int, Mount] = {}
+    out = []
     for line in mountinfo.splitlines():
         fields = line.split()
         if "-" not in fields:
             continue
         sep = fields.index("-")
         major, minor = (int(x) for x in fields[2].split(":"))
-        path = cgroup._unescape(fields[4])
-        dev = major << 20 | minor
-        if dev in seen:
-            continue
-        seen[dev] = Mount(dev, os.makedev(major, minor), path, fields[sep + 1])
+        out.append(Mount(major << 20 | minor, os.makedev(major, minor), cgroup._unescape(fields[4]),
+                         fields[sep + 1], cgroup._unescape(fields[3]), int(fields[0])))
+    return out
+
+
+def filesystems(mountinfo: str | None = None) -> list[Mount]:
+    """One mount per superblock, in mount order: where its whole tree is
+    mounted when it is (so paths resolved through it are the real ones)."""
+    seen: dict[int, Mount] = {}
+    for m in mounts(mountinfo):
+        if m.dev not in seen or (m.root == "/" and seen[m.dev].root != "/"):
+            seen[m.dev] = m
     return list(seen.values())
 
 
@@ -113,6 +132,13 @@ def mark_all(group: fan.PermissionGroup, mounts: Iterable[Mount]) -> tuple[list[
             continue
         marked.append(m)
     return marked, refused
+
+
+def mount_tracefs() -> None:
+    """libbpf finds syscall tracepoints through tracefs."""
+    if not os.path.isdir(os.path.join(TRACEFS, "events")):
+        subprocess.run(["mount", "-t", "tracefs", "tracefs", TRACEFS], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def threads_in(cgroup_path: str) -> list[int]:
@@ -213,14 +239,15 @@ class CompatBackend(LsmBackend):
     def _start_files(self, tables: DecisionTables, mode: str) -> None:
         assert self.group is not None
         cgroup_devs = set()
-        mounts = filesystems()
-        for m in mounts:
+        filesystems_now = filesystems()
+        for m in filesystems_now:
             if m.fstype in CGROUP_TYPES:
                 cgroup_devs.add(m.user_dev)
         self.decider = FileDecider(self.group, _Scope(self._maps["compat_tids"].fd), mode,
                                    self._submit, tuple(self.file_protected), cgroup_devs, self.oracle,
                                    self.cache_allows, self.backlogged)
         self.decider.set_tables(tables)
+        self.decider.set_mounts(mounts())
         try:
             notify = fan.NotifyGroup()
         except fan.FanotifyError as e:
@@ -235,7 +262,7 @@ class CompatBackend(LsmBackend):
         self.responder = fan.Responder(self.group, self.decider)
         self.responder.on_crash = self._responder_crashed
         self.responder.start()
-        self.marked, refused = mark_all(self.group, mounts)
+        self.marked, refused = mark_all(self.group, filesystems_now)
         if refused:
             raise CompatUnavailable(refused[0] + (f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""))
         self._note_marked(self.marked)
@@ -352,6 +379,7 @@ class CompatBackend(LsmBackend):
     def _attach(self) -> None:
         """tp_btf programs attach to their tracepoints; the sock_addr ones to
         the hierarchy's root, so scope (per thread) decides, not cgroup."""
+        mount_tracefs()
         if self.pin_root:
             mount_bpffs()
             remove_stale_pins(self.pin_root)
@@ -366,6 +394,13 @@ class CompatBackend(LsmBackend):
                 self._links.append(link)
                 if self.pin_dir:
                     link.pin(os.path.join(self.pin_dir, prog.name))
+
+    def _record(self, f: tuple) -> AuditRecord:
+        rec = super()._record(f)
+        reason = f[11]
+        if reason in COMPAT_REASONS:
+            rec.reason = COMPAT_REASONS[reason]
+        return rec
 
     # ------------------------------------------------------------- marks
 
@@ -401,7 +436,8 @@ class CompatBackend(LsmBackend):
                     self._internal(f"compat watcher: {type(e).__name__}: {e}")
 
     def _mark_new(self) -> None:
-        assert self.group is not None
+        assert self.group is not None and self.decider is not None
+        self.decider.set_mounts(mounts())
         known = {m.dev for m in self.marked}
         new = [m for m in filesystems() if m.dev not in known]
         marked, refused = mark_all(self.group, new)
@@ -491,7 +527,8 @@ def probe_compat() -> list[ProbeResult]:
     if not root:
         why = "not probed: needs root"
         return out + [ProbeResult(n, False, why) for n in
-                      ("tp_btf programs", "ring buffer", "cgroup sock_addr attach", "fanotify permission events")]
+                      ("tp_btf programs", "ring buffer", "cgroup sock_addr attach", "syscall tracepoints",
+                       "fanotify permission events")]
     out.extend(_probe_bpf(mount))
     out.append(_probe_fanotify())
     return out
@@ -528,12 +565,13 @@ def _probe_bpf(mount: str | None) -> list[ProbeResult]:
         out.append(ProbeResult("ring buffer", True, "BPF ring buffer consumer works"))
     except libbpf.BpfError as e:
         out.append(ProbeResult("ring buffer", False, str(e)))
+    net = next(o for o in loaded if o.name == "compat_net")
     if mount is None:
         out.append(ProbeResult("cgroup sock_addr attach", False, "no cgroup v2 hierarchy"))
     else:
         fd = os.open(mount, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            links = [p.attach_cgroup(fd) for p in loaded[-1].programs.values()]
+            links = [p.attach_cgroup(fd) for p in net.programs.values()]
             for link in links:
                 link.destroy()
             out.append(ProbeResult("cgroup sock_addr attach", True,
@@ -542,6 +580,14 @@ def _probe_bpf(mount: str | None) -> list[ProbeResult]:
             out.append(ProbeResult("cgroup sock_addr attach", False, str(e)))
         finally:
             os.close(fd)
+    try:
+        mount_tracefs()
+        tp = next(o for o in loaded if o.name == "compat_mounts").programs["compat_mount"].attach()
+        tp.destroy()
+        out.append(ProbeResult("syscall tracepoints", True, "mount-family and open-family syscalls"))
+    except (libbpf.BpfError, subprocess.CalledProcessError) as e:
+        out.append(ProbeResult("syscall tracepoints", False,
+                               f"{e} (needs CONFIG_FTRACE_SYSCALLS and tracefs)"))
     for obj in loaded:
         obj.close()
     return out
@@ -556,11 +602,11 @@ def _probe_fanotify() -> ProbeResult:
     try:
         # Events raised while the marks exist wait for this group; closing it
         # at once lets the kernel allow them.
-        mounts = filesystems()
-        marked, refused = mark_all(group, mounts)
+        found = filesystems()
+        marked, refused = mark_all(group, found)
     finally:
         group.close()
-    skipped = sorted({m.fstype for m in mounts if m.fstype in UNMARKABLE})
+    skipped = sorted({m.fstype for m in found if m.fstype in UNMARKABLE})
     detail = f"{len(marked)} filesystems can be watched"
     if skipped:
         detail += f" (not {', '.join(skipped)}: {'; '.join(UNMARKABLE[t] for t in skipped)})"

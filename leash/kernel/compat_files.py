@@ -175,6 +175,7 @@ class FileDecider:
         # ungoverned open of them costs an fstat, not a path lookup.
         self._not_all: OrderedDict[tuple[int, int], None] = OrderedDict()
         self._dedup: dict[tuple, list] = {}
+        self.trusted_mounts: frozenset[int] = frozenset()
         self._dedup_lock = threading.Lock()
 
     # --------------------------------------------------------------- tables
@@ -189,6 +190,24 @@ class FileDecider:
         self.names = {i: n for n, i in tables.agents.items()}
         self._not_all.clear()
         self._rw.clear()
+
+    def set_mounts(self, mounts: list) -> None:
+        """The mounts of leash's own namespace: a path seen through any of
+        them is the path policy speaks about."""
+        self.trusted_mounts = frozenset(m.mount_id for m in mounts)
+
+    def _placed(self, fd: int, st: os.stat_result, path: str) -> tuple[str | None, bytes | None]:
+        """(the path policy judges, file handle). A file reached through a
+        mount outside leash's namespace (a bind mount in an agent's own
+        namespace, a detached mount) gets its path through leash's mount of
+        the same filesystem; None when that is impossible."""
+        found = fan.handle_and_mount(fd)
+        if found is None:
+            return (path if _mount_id(fd) in self.trusted_mounts else None), None
+        handle, mount_id = found
+        if mount_id in self.trusted_mounts:
+            return path, handle
+        return (self.moves.resolve(st.st_dev, handle) if self.moves is not None else None), handle
 
     def _verdict(self, agent: int, action: str, path: str, is_dir: bool) -> tuple[bool, list[str], str]:
         """(allow, policy ids, table class) from the tables, Cedar on a miss."""
@@ -210,13 +229,19 @@ class FileDecider:
             self.moves.drain()
         st = os.fstat(ev.fd)
         is_dir = stat.S_ISDIR(st.st_mode)
-        path = os.readlink(f"/proc/self/fd/{ev.fd}")
+        seen = os.readlink(f"/proc/self/fd/{ev.fd}")
+        path, handle = self._placed(ev.fd, st, seen)
         task = Task(ev.tid)
-        out = self._decide(ev, task, st, is_dir, path)
+        if path is None:
+            out: Outcome | None = Outcome(False, EXEC if ev.mask & fan.FAN_OPEN_EXEC_PERM else FILE_READ,
+                                          seen, reason="reached through a mount outside leash's "
+                                          "namespace that leash cannot place")
+        else:
+            out = self._decide(ev, task, st, is_dir, path)
         if out is None:
             return True
         if out.allow and self.moves is not None:
-            taint = self.moves.check(ev.fd, st, path)
+            taint = self.moves.check(ev.fd, st, path, handle)
             if taint is not None:
                 out = Outcome(False, out.action, out.resource, reason=_taint_reason(taint))
         if out.allow and self.mode == "enforce" and self.backlogged():
@@ -225,7 +250,7 @@ class FileDecider:
             out = Outcome(False, out.action, out.resource, reason="audit backlog full: an allow "
                           "that cannot be recorded is refused")
         if out.allow and stat.S_ISREG(st.st_mode) and out.action in (FILE_READ, FILE_WRITE):
-            self._note_rw(ev.agent, ev.fd, st, path, out.action)
+            self._note_rw(ev.agent, st, path, out.action, handle)
         allowed = out.allow or self.mode == "audit"
         self._record(ev.agent, task, out, is_dir)
         return allowed
@@ -286,13 +311,11 @@ class FileDecider:
                 return False
         return True
 
-    def _note_rw(self, agent: int, fd: int, st: os.stat_result, path: str, allowed: str) -> None:
+    def _note_rw(self, agent: int, st: os.stat_result, path: str, allowed: str,
+                 handle: bytes | None) -> None:
         """`allowed` (read or write) was just allowed here; is the other too?"""
         other = FILE_WRITE if allowed == FILE_READ else FILE_READ
-        if not self._may(agent, path, False, (other,)):
-            return
-        handle = fan.handle_of(fd)
-        if handle is None:
+        if handle is None or not self._may(agent, path, False, (other,)):
             return
         key = (agent, st.st_dev, handle)
         self._rw[key] = None
@@ -370,8 +393,10 @@ class FileDecider:
     def _allow_all(self, fd: int, st: os.stat_result, mask: int) -> bool:
         assert self.index is not None and self.tables is not None
         try:
-            path = os.readlink(f"/proc/self/fd/{fd}")
+            path, _handle = self._placed(fd, st, os.readlink(f"/proc/self/fd/{fd}"))
         except OSError:
+            return False
+        if path is None:
             return False
         is_dir = stat.S_ISDIR(st.st_mode)
         if not path.startswith("/") or self._protected(path) or st.st_dev in self.cgroup_devs:
@@ -475,6 +500,18 @@ def _taint_reason(t: Taint) -> str:
     where = f" (was {t.source})" if t.source else ""
     kind = "inside a directory renamed" if t.is_dir else ("hard-linked" if t.what == "hard link" else "renamed")
     return f"{kind} by a governed process out of its policy class{where}"
+
+
+def _mount_id(fd: int) -> int:
+    """The mount an fd was opened through, for filesystems without file
+    handles (sysfs, devpts): from /proc/self/fdinfo."""
+    try:
+        for line in fan.read_proc(f"/proc/self/fdinfo/{fd}").splitlines():
+            if line.startswith(b"mnt_id:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return -1
 
 
 def _is_elf(fd: int) -> bool:

@@ -58,6 +58,7 @@ class MoveWatcher:
         self.on_taint = on_taint
         self.unignore = unignore         # drop an ignore mark from this fd's inode
         self.mounts: dict[bytes, MountRef] = {}
+        self.by_dev: dict[int, MountRef] = {}
         self.files: dict[tuple[int, bytes], Taint] = {}
         self.dirs: dict[tuple[int, bytes], Taint] = {}
         self.lock = threading.Lock()
@@ -74,13 +75,34 @@ class MoveWatcher:
             return False
         # Not O_PATH: open_by_handle_at refuses a path-only mount fd.
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        self.mounts.setdefault(fsid, MountRef(fd, os.fstat(fd).st_dev))
+        ref = self.mounts.setdefault(fsid, MountRef(fd, os.fstat(fd).st_dev))
+        if ref.fd != fd:
+            os.close(fd)
+        self.by_dev.setdefault(ref.dev, ref)
         return True
+
+    def resolve(self, dev: int, handle: bytes) -> str | None:
+        """The path of a file through leash's own mount of its filesystem."""
+        ref = self.by_dev.get(dev)
+        if ref is None:
+            return None
+        try:
+            fd = fan.open_by_handle(ref.fd, handle)
+        except OSError:
+            return None
+        try:
+            path = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        return path if path.startswith("/") else None
 
     def close(self) -> None:
         for m in self.mounts.values():
             os.close(m.fd)
         self.mounts.clear()
+        self.by_dev.clear()
         self.group.close()
 
     # ------------------------------------------------------------ draining
@@ -163,12 +185,12 @@ class MoveWatcher:
 
     # ------------------------------------------------------------ checking
 
-    def check(self, fd: int, st: os.stat_result, path: str) -> Taint | None:
+    def check(self, fd: int, st: os.stat_result, path: str, handle: bytes | None = None) -> Taint | None:
         """The taint on the file being opened, or on a directory above it."""
         if not self.files and not self.dirs:
             return None
         if self.files:
-            handle = fan.handle_of(fd)
+            handle = handle or fan.handle_of(fd)
             hit = self.files.get((st.st_dev, handle)) if handle is not None else None
             if hit is not None:
                 return hit

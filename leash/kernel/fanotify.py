@@ -439,13 +439,19 @@ def open_by_handle(mount_fd: int, handle: bytes, flags: int = os.O_PATH) -> int:
 
 def handle_of(fd: int) -> bytes | None:
     """The struct file_handle of an open file, comparable with Info.handle."""
+    found = handle_and_mount(fd)
+    return found[0] if found else None
+
+
+def handle_and_mount(fd: int) -> tuple[bytes, int] | None:
+    """(file handle, id of the mount the file was opened through)."""
     buf = ctypes.create_string_buffer(8 + MAX_HANDLE_SZ)
     struct.pack_into("=I", buf, 0, MAX_HANDLE_SZ)
     mount_id = ctypes.c_int()
     if _libc.name_to_handle_at(fd, b"", buf, ctypes.byref(mount_id), AT_EMPTY_PATH) < 0:
         return None
     size = struct.unpack_from("=I", buf)[0]
-    return buf.raw[:8 + size]
+    return buf.raw[:8 + size], mount_id.value
 
 
 def handle_of_path(path: str) -> bytes | None:

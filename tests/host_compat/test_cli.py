@@ -59,7 +59,7 @@ def test_doctor_lists_each_compat_mechanism():
     report = json.loads(r.stdout)
     names = {p["name"]: p["ok"] for p in report["probes"]}
     for mechanism in ("BTF", "cgroup v2", "tp_btf programs", "ring buffer", "cgroup sock_addr attach",
-                      "fanotify permission events"):
+                      "syscall tracepoints", "fanotify permission events"):
         assert names[f"compat: {mechanism}"] is True
     assert report["usable_backend"] == "compat"
 
