@@ -475,14 +475,18 @@ class FileDecider:
         """A governed link or rename compat could not refuse (see compat_moves)."""
         task = Task(tid)
         what = "directory" if taint.is_dir else "file"
-        src = f" from {taint.source}" if taint.source else ""
+        if taint.what == "rename onto":
+            reason = (f"rename onto a path the agent may not both read and write (from {taint.source}): "
+                      f"the compat backend cannot refuse it, any file there was replaced")
+        else:
+            src = f" from {taint.source}" if taint.source else ""
+            reason = (f"{taint.what} of a {what} the agent may not both read and write{src}: the compat "
+                      f"backend cannot refuse it; governed opens of it are refused from now on")
         self.sink(AuditRecord(
             time_ns=now_ns(), agent=self.names.get(taint.agent, f"agent#{taint.agent}"),
             action=SELF_PROTECT, resource=taint.target or taint.source, decision="allow",
-            backend="compat", mode=self.mode, pid=task.tgid or tid, ppid=task.ppid, uid=task.uid,
-            exe=task.exe, reason=(f"{taint.what} of a {what} the agent may not both read and write"
-                                  f"{src}: the compat backend cannot refuse it; governed opens of "
-                                  f"it are refused from now on"), details={"tid": tid}))
+            backend="compat", mode=self.mode, pid=task.tgid, ppid=task.ppid, uid=task.uid,
+            exe=task.exe, reason=reason, details={"tid": tid}))
 
     def unignore(self, fd: int) -> None:
         self.group.unignore_inode(fd)

@@ -30,7 +30,7 @@ WATCH_MASK = fan.FAN_CREATE | fan.FAN_RENAME | fan.FAN_ONDIR
 
 class Taint(msgspec.Struct, frozen=True):
     agent: int
-    what: str                 # "hard link" | "rename"
+    what: str                 # "hard link" | "rename" | "rename onto" (nothing tainted: a record)
     source: str               # where it was (a rename), or "" (a link: unknown)
     target: str               # where it is now
     is_dir: bool
@@ -125,6 +125,10 @@ class MoveWatcher:
             is_dir = bool(notice.mask & fan.FAN_ONDIR)
             source = self._path(old) if old else None
             target = self._path(new) if new else None
+            if target is not None and not self.may_copy(agent, target, is_dir):
+                # It may have replaced a file the agent may not write; lsm
+                # refuses that, compat can only say it happened.
+                self.on_taint(Taint(agent, "rename onto", source or "", target, is_dir), notice.tid)
             if source is not None:
                 if self.may_copy(agent, source, is_dir):
                     return

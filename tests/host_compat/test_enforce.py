@@ -215,6 +215,12 @@ def test_rename_out_of_a_forbidden_class(lz, bot, other):
     assert bot.run(f"os.makedirs('{LT}/w/proj/src'); open('{LT}/w/proj/src/a.py', 'w').close();"
                    f" result = [try_call(os.rename, '{LT}/w/proj', '{LT}/w/proj2'),"
                    f" try_open('{LT}/w/proj2/src/a.py')]") == [0, 0]
+    # over a file it may not write: lsm refuses; compat cannot, and says so
+    assert bot.run(f"open('{LT}/w/evil', 'w').close();"
+                   f" result = try_call(os.rename, '{LT}/w/evil', '{LT}/w/key.txt')") == 0
+    rec = lz.records.find(lambda r: r.action == "SelfProtect" and r.resource == f"{LT}/w/key.txt"
+                          and "rename onto" in r.reason)
+    assert "cannot refuse" in rec.reason
     # restore the world for the following tests
     os.rename(f"{LT}/w/public", f"{LT}/w/secrets")
     os.rename(f"{LT}/w/moved.txt", f"{LT}/w/secrets/s.txt")
