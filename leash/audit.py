@@ -54,13 +54,14 @@ class AuditLog:
         self._stderr = stderr
         self.written = 0
 
-    def write(self, rec: AuditRecord) -> None:
+    def write(self, rec: AuditRecord, echo: bool = True) -> None:
+        """`echo`: a deny also goes to stderr as one human line."""
         line = _encoder.encode(rec) + b"\n"
         with self._lock:
             if self._file is not None:
                 os.write(self._file.fileno(), line)
             self.written += 1
-            if rec.decision == "deny" and self._stderr is not None:
+            if echo and rec.decision == "deny" and self._stderr is not None:
                 print(human_line(rec), file=self._stderr, flush=True)
 
     def close(self) -> None:

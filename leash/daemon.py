@@ -123,7 +123,8 @@ class PolicyKeeper:
     def _record_refusal(self, errors: list[str]) -> None:
         _say(f"policy change refused ({len(errors)} error(s)); the previous policy stays in force")
         self.audit.write(AuditRecord(now_ns(), "", "PolicyReload", self.directory, "deny",
-                                     backend=getattr(self.backend, "name", ""), reason="; ".join(errors)[:4000]))
+                                     backend=getattr(self.backend, "name", ""), reason="; ".join(errors)[:4000]),
+                         echo=False)
 
 
 def _protected_paths(args) -> list[str]:
