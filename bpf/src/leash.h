@@ -200,6 +200,21 @@ static __always_inline __u32 leash_cgroup_agent(void)
 	return agent;
 }
 
+/*
+ * io_uring's worker and SQPOLL threads are made without the fork
+ * tracepoint: they take the agent of the thread group they serve.
+ */
+static __always_inline __u32 leash_leader_agent(struct task_struct *task)
+{
+	struct task_struct *leader = task->group_leader;
+	struct leash_task *lt;
+
+	if (!leader || leader == task)
+		return 0;
+	lt = bpf_task_storage_get(&leash_task, leader, 0, 0);
+	return lt ? lt->agent : 0;
+}
+
 static __always_inline __u32 leash_epoch(void)
 {
 	__u32 zero = 0, *e = bpf_map_lookup_elem(&leash_scope_epoch, &zero);
@@ -223,7 +238,9 @@ static __always_inline __u32 leash_agent_of(struct task_struct *task)
 	epoch = leash_epoch();
 	if (t && t->cgroup == cgroup && t->epoch == epoch)
 		return 0;
-	agent = leash_cgroup_agent();
+	agent = leash_leader_agent(task);
+	if (!agent)
+		agent = leash_cgroup_agent();
 	t = bpf_task_storage_get(&leash_task, task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
 	if (t) {
 		t->agent = agent;
