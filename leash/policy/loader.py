@@ -86,40 +86,34 @@ class LoadedPolicy:
         self._fixed_entities = action_entities() + [
             entity("AgentGroup", g, [uid("AgentGroup", p) for p in cfg.groups])
             for g, cfg in config.groups.items()]
+        self._fixed_json = ",".join(json.dumps(e) for e in self._fixed_entities)
+        self._declared_groups = set(config.groups)
 
     def groups_of(self, agent: str) -> list[str]:
         """The agent's direct groups (undeclared agents have none)."""
         a = self.config.agents.get(agent)
         return list(a.groups) if a else []
 
+    def _undeclared_groups(self, request: Request) -> list[dict]:
+        """A group named only in an agent's entry is an entity with no parents."""
+        names = {p["id"] for e in request.entities for p in e["parents"]
+                 if p["type"] == "AgentGroup" and p["id"] not in self._declared_groups}
+        return [entity("AgentGroup", g, []) for g in sorted(names)]
+
     def entities_for(self, request: Request) -> list[dict]:
-        known = {json.dumps(e["uid"], sort_keys=True) for e in self._fixed_entities}
-        extra = []
-        for e in request.entities:
-            for p in e["parents"]:
-                if p["type"] == "AgentGroup" and json.dumps(p, sort_keys=True) not in known:
-                    known.add(json.dumps(p, sort_keys=True))
-                    extra.append(entity("AgentGroup", p["id"], []))
-        return self._fixed_entities + extra + request.entities
+        """Everything Cedar needs beside the request: actions, groups, the
+        principal and resource with their parents."""
+        return self._fixed_entities + self._undeclared_groups(request) + request.entities
+
+    def _entities_json(self, request: Request) -> str:
+        parts = [self._fixed_json] + [json.dumps(e) for e in self._undeclared_groups(request) + request.entities]
+        return "[" + ",".join(parts) + "]"
 
     def decide(self, request: Request) -> Decision:
         """Cedar's answer for one request, straight from the policy set."""
-        r = cedarpy.is_authorized(request.cedar(), self.policy_set,
-                                  json.dumps(self.entities_for(request)))
+        r = cedarpy.is_authorized(request.cedar(), self.policy_set, self._entities_json(request))
         return Decision(r.allowed, list(r.diagnostics.reasons),
                         [str(e) for e in r.diagnostics.errors])
-
-    def decide_batch(self, reqs: list[Request]) -> list[Decision]:
-        if not reqs:
-            return []
-        ents: dict[str, dict] = {}
-        for r in reqs:
-            for e in self.entities_for(r):
-                ents.setdefault(json.dumps(e["uid"], sort_keys=True), e)
-        results = cedarpy.is_authorized_batch([r.cedar() for r in reqs], self.policy_set,
-                                              json.dumps(list(ents.values())))
-        return [Decision(r.allowed, list(r.diagnostics.reasons),
-                         [str(e) for e in r.diagnostics.errors]) for r in results]
 
 
 # ---------------------------------------------------------------- PST walking

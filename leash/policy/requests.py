@@ -144,13 +144,16 @@ def cedar_value(value: object, where: str = "arguments") -> object:
     """JSON value -> Cedar JSON value. Strings, booleans, integers, lists (Sets)
     and objects (Records) map directly; a float becomes a `decimal` when it has
     at most four decimals (Cedar's decimal), otherwise it is refused; null
-    members are left out (Cedar has no null), so `has` is false for them."""
+    members are left out (Cedar has no null), so `has` is false for them.
+    An integral float (5.0) is a Long, as JSON Schema's "integer" says."""
     if isinstance(value, bool) or isinstance(value, str):
         return value
     if isinstance(value, int):
         if not _LONG_MIN <= value <= _LONG_MAX:
             raise UnrepresentableArgument(f"{where}: integer out of Cedar's Long range")
         return value
+    if isinstance(value, float) and value.is_integer() and _LONG_MIN <= value <= _LONG_MAX:
+        return int(value)              # JSON has one number type: 5.0 is the integer 5
     if isinstance(value, float):
         text = f"{value:.4f}"
         if not math.isfinite(value) or float(text) != value or abs(value) >= 922337203685477:
