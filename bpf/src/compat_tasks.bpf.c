@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0 OR Apache-2.0
 /*
  * Compat backend, process side: keep compat_tids (thread id -> agent) exact
- * across fork, exec and exit, and refuse by SIGKILL the one exec fanotify
+ * across task creation, exec and exit, and refuse by SIGKILL the one exec fanotify
  * cannot see: a file on a superblock without a permission mark (memfd via
  * execveat, a filesystem mounted after leash started). Scope inheritance
  * itself is scope.bpf.c's (task storage); this mirrors it by thread id.
@@ -12,15 +12,22 @@ char LICENSE[] SEC("license") = "GPL";
 
 #define SIGKILL 9
 
-SEC("tp_btf/sched_process_fork")
-int BPF_PROG(compat_fork, struct task_struct *parent, struct task_struct *child)
+/*
+ * Every new task, not only forks: io_uring's worker and SQPOLL threads are
+ * made without the fork tracepoint, and an open punted to a worker reaches
+ * the responder under the worker's thread id.
+ */
+SEC("tp_btf/task_newtask")
+int BPF_PROG(compat_newtask, struct task_struct *task, __u64 clone_flags)
 {
-	__u32 agent = leash_agent_of(parent);   /* current is the parent */
+	__u32 creator = (__u32)bpf_get_current_pid_tgid();
+	__u32 *known = bpf_map_lookup_elem(&compat_tids, &creator);
+	__u32 agent = known ? *known : leash_agent();
 	__u32 tid;
 
 	if (!agent)
 		return 0;
-	tid = child->pid;
+	tid = task->pid;
 	bpf_map_update_elem(&compat_tids, &tid, &agent, BPF_ANY);
 	return 0;
 }

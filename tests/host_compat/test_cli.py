@@ -16,7 +16,7 @@ from leash.kernel.lsm import PIN_ROOT
 
 SCRIPT = (f"cat {LT}/w/ok.txt; echo; cat {LT}/w/secrets/s.txt; echo rc=$?; "
           f"{shlex.quote('/usr/bin/python3')} -c 'import socket; s = socket.socket();"
-          f" print(s.connect_ex((\"127.0.0.1\", 8081)))'; exit 7")
+          f" print(s.connect_ex((\"127.0.0.1\", 8081)))'")
 
 
 @pytest.fixture
@@ -34,7 +34,8 @@ def _records(path):
 
 def test_run_picks_compat_and_enforces(policy_dir, tmp_path):
     audit = str(tmp_path / "audit.jsonl")
-    r = leash_cli("--policy", policy_dir, "--agent", "bot", "--audit", audit, "--", "/bin/sh", "-c", SCRIPT)
+    r = leash_cli("--policy", policy_dir, "--agent", "bot", "--audit", audit, "--", "/bin/sh", "-c",
+                  SCRIPT + "; echo leash=$PPID >&2; exit 7")
     assert r.returncode == 7, r.stderr                       # the command's own status
     assert r.stdout.split("\n")[:3] == ["ok", "rc=1", "1"]   # read ok; secret EPERM; connect EPERM
     assert "with the compat backend" in r.stderr
@@ -43,7 +44,8 @@ def test_run_picks_compat_and_enforces(policy_dir, tmp_path):
     assert {x["backend"] for x in recs} == {"compat"}
     assert any(x["resource"] == f"{LT}/w/secrets/s.txt" and x["decision"] == "deny" for x in recs)
     assert any(x["resource"] == "127.0.0.1:8081" and x["decision"] == "deny" for x in recs)
-    assert not any(name.isdigit() for name in os.listdir(PIN_ROOT)) if os.path.isdir(PIN_ROOT) else True
+    leash_pid = r.stderr.split("leash=")[1].split()[0]
+    assert not os.path.exists(os.path.join(PIN_ROOT, leash_pid))    # a clean stop unpins
 
 
 def test_forcing_lsm_where_it_cannot_load_is_an_error(policy_dir):
@@ -68,7 +70,7 @@ def _in_namespace(setup: str, policy_dir: str, audit: str) -> tuple[int, str, st
     """Run leash in a private mount namespace prepared by `setup` (sh)."""
     cmd = (f"mount --make-rprivate / && {setup} && "
            f"cd / && PYTHONPATH={REPO} PYTHONDONTWRITEBYTECODE=1 exec {shlex.quote(os.sys.executable)} -m leash "
-           f"--policy {policy_dir} --agent bot --audit {audit} -- /bin/sh -c {shlex.quote(SCRIPT)}")
+           f"--policy {policy_dir} --agent bot --audit {audit} -- /bin/sh -c {shlex.quote(SCRIPT + '; exit 7')}")
     import subprocess
     r = subprocess.run(["unshare", "-m", "/bin/sh", "-c", cmd], capture_output=True, text=True, timeout=120)
     return r.returncode, r.stdout, r.stderr

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import signal
+import subprocess
 import time
 
 import pytest
@@ -285,6 +287,28 @@ def test_exec_from_a_thread_stays_governed(lz):
     finally:
         a.proc.kill()
     assert out.strip() == str(EPERM)
+
+
+def test_io_uring_worker_opens_are_governed(lz, tmp_path):
+    # IOSQE_ASYNC makes a worker thread (not the caller) do the open; its
+    # syscall state says nothing of the flags, so it is judged as read-write
+    cc = shutil.which("cc") or shutil.which("clang-14")
+    assert cc, "a C compiler (tools/setup installs clang-14)"
+    exe = f"{LT}/bin/uring_open"
+    subprocess.run([cc, "-O2", "-o", exe, os.path.join(os.path.dirname(__file__), "uring_open.c")], check=True)
+    run = lambda *args: bot_or_other(lz, [exe, *args])
+    assert run(f"{LT}/w/secrets/s.txt") == ("1", "0")
+    assert run(f"{LT}/w/ok.txt") == ("0", "0")                  # read and write allowed
+    assert run(f"{LT}/ro/r.txt") == ("1", "0")                  # read allowed, but the mode is unknown
+    rec = lz.records.find(lambda r: r.resource == f"{LT}/ro/r.txt" and "mode unknown" in r.reason)
+    assert rec.decision == "deny" and rec.details["tid"] != rec.pid     # decided for the worker
+
+
+def bot_or_other(lz, argv):
+    gov = subprocess.run(["/bin/sh", "-c", f'echo $$ > {lz.cgroup}/cgroup.procs && exec "$0" "$@"', *argv],
+                         capture_output=True, text=True, timeout=30)
+    other = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    return gov.stdout.strip(), other.stdout.strip()
 
 
 # ---------------------------------------------------------------- network
