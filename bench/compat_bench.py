@@ -3,7 +3,9 @@
     sudo .venv/bin/python bench/compat_bench.py [--repeat 5]
 
 open()+close(), connect() and execve() loops (bench/lsm_loops.c, the same
-loops the lsm backend is measured with) for: no leash; Landlock with an
+loops the lsm backend is measured with), and a getppid() loop (the cheapest
+syscall: compat's syscall tracepoints put every task on the slower traced
+syscall entry), for: no leash; Landlock with an
 equivalent rule set (the in-kernel reference); leash compat running, process
 out of scope; leash compat running, governed agent. Opens are measured on two
 files: one every agent may read and write (after the first open the kernel
@@ -55,8 +57,27 @@ CASES = {
     "open, file agents may only read (asked every time)": ("open", f"{ROOT}/ro/{DEEP}", 20000),
     "connect (UDP, allowed port)": ("connect", "8080", 200000),
     "execve (posix_spawn + wait)": ("exec", f"{ROOT}/bin/true", 200),
+    "getppid() (any cheap syscall)": ("getppid", "-", 2000000),
 }
 CONFIGS = ["no leash", "Landlock", "compat, out of scope", "compat, governed agent"]
+SYSCALL_LOOP = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+int main(int argc, char **argv)
+{
+	long n = atol(argv[2]);
+	struct timespec a, b;
+	clock_gettime(CLOCK_MONOTONIC, &a);
+	for (long i = 0; i < n; i++)
+		syscall(SYS_getppid);
+	clock_gettime(CLOCK_MONOTONIC, &b);
+	printf("%.1f\n", ((b.tv_sec - a.tv_sec) * 1e9 + (b.tv_nsec - a.tv_nsec)) / n);
+	return 0;
+}
+"""
 
 
 def setup() -> str:
@@ -75,13 +96,16 @@ def setup() -> str:
         f.write("[agents.bench]\n")
     exe = f"{ROOT}/bin/lsm_loops"
     subprocess.run(["cc", "-O2", "-o", exe, os.path.join(REPO, "bench", "lsm_loops.c")], check=True)
+    with open(f"{ROOT}/bin/getppid.c", "w") as f:
+        f.write(SYSCALL_LOOP)
+    subprocess.run(["cc", "-O2", "-o", f"{ROOT}/bin/getppid", f"{ROOT}/bin/getppid.c"], check=True)
     return exe
 
 
 def measure(exe: str, case: str, cgroup_path: str | None, landlock: bool) -> float:
     """ns per iteration, one run."""
     what, target, n = CASES[case]
-    cmd = [exe, what, str(n), target]
+    cmd = [f"{ROOT}/bin/getppid", what, str(n)] if what == "getppid" else [exe, what, str(n), target]
     if landlock:
         cmd += ["--landlock", f"{ROOT}/w", f"{ROOT}/bin"]
     enter = f"echo $$ > {cgroup_path}/cgroup.procs && " if cgroup_path else ""
