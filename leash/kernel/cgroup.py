@@ -102,21 +102,6 @@ def pids(path: str) -> list[int]:
         return [int(x) for x in f.read().split()]
 
 
-def pid_cgroup(pid: int | str, mount: str | None = None) -> str:
-    """Absolute path of the v2 cgroup `pid` is in."""
-    with open(f"/proc/{pid}/cgroup") as f:
-        for line in f:
-            if line.startswith("0::"):
-                rel = line[3:].rstrip("\n")
-                return os.path.normpath((mount or cgroup2_mount()) + rel)
-    raise CgroupError(f"process {pid} is in no cgroup v2 hierarchy")
-
-
-def is_within(path: str, ancestor: str) -> bool:
-    path, ancestor = os.path.normpath(path), os.path.normpath(ancestor)
-    return path == ancestor or path.startswith(ancestor.rstrip("/") + "/")
-
-
 def _subtree(path: str) -> list[str]:
     """`path` and every cgroup below it, deepest first."""
     out = []

@@ -109,14 +109,6 @@ class PermEvent:
         self.tid = tid
         self.agent = agent
 
-    @property
-    def is_exec(self) -> bool:
-        return bool(self.mask & FAN_OPEN_EXEC_PERM)
-
-    @property
-    def is_dir(self) -> bool:
-        return bool(self.mask & FAN_ONDIR)
-
 
 class Handler(Protocol):
     def scope(self, tid: int) -> int:
@@ -147,10 +139,6 @@ class PermissionGroup:
     def mark_filesystem(self, path: str, mask: int) -> None:
         _check(_libc.fanotify_mark(self.fd, FAN_MARK_ADD | FAN_MARK_FILESYSTEM, mask,
                                    AT_FDCWD, path.encode()), f"fanotify_mark {path}")
-
-    def unmark_filesystem(self, path: str, mask: int) -> None:
-        _check(_libc.fanotify_mark(self.fd, FAN_MARK_REMOVE | FAN_MARK_FILESYSTEM, mask,
-                                   AT_FDCWD, path.encode()), f"fanotify_mark remove {path}")
 
     def ignore_inode(self, event_fd: int, mask: int, is_dir: bool) -> bool:
         """Stop asking about this inode for `mask`. Evictable, so the cache

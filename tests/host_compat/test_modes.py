@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from harness import AGENTS, LT, POLICY, Agent, compile_dir, make_world, other_agent, running, write_policy
+from harness import LT, POLICY, Agent, compile_dir, make_world, other_agent, running, write_policy
 from leash.kernel import cgroup, compat, fanotify
 from leash.kernel.lsm import PIN_ROOT
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 
@@ -65,8 +66,10 @@ def test_agent_cgroup_lifecycle():
         assert cgroup.cgroup_id(path) == os.stat(path).st_ino
         with pytest.raises(cgroup.CgroupError):
             cgroup.create_agent_cgroup("a b/c", f"unit-{os.getpid()}")   # never reuse a live one
-        assert cgroup.is_within(path, root) and not cgroup.is_within(root + "x", root)
-        assert cgroup.pid_cgroup(os.getpid()) != path
+        sleeper = subprocess.Popen(["/usr/bin/sleep", "60"])
+        cgroup.move_pid(path, sleeper.pid)
+        assert cgroup.pids(path) == [sleeper.pid]
     finally:
-        cgroup.remove_cgroup(path)
+        cgroup.remove_cgroup(path)          # kills what is left inside
     assert not os.path.exists(path)
+    assert sleeper.wait(timeout=10) == -9
