@@ -201,8 +201,9 @@ static __always_inline __u32 leash_cgroup_agent(void)
 }
 
 /*
- * io_uring's worker and SQPOLL threads are made without the fork
- * tracepoint: they take the agent of the thread group they serve.
+ * A thread with no scope of its own takes its thread group's: io_uring's
+ * worker and SQPOLL threads are made by create_io_thread(), outside the
+ * kernel_clone() path the fork tracepoint sits on.
  */
 static __always_inline __u32 leash_leader_agent(struct task_struct *task)
 {

@@ -255,6 +255,25 @@ def test_moved_to_another_cgroup_stays_governed(lz):
         a.close()
 
 
+def test_io_uring(lz, bot, other):
+    secret, ok = f"{LT}/w/secrets/s.txt", f"{LT}/w/ok.txt"
+    assert both(bot, other, f"result = try_uring_open('{ok}')") == (0, 0)
+    assert both(bot, other, f"result = try_uring_open('{secret}')") == (EPERM, 0)
+    assert both(bot, other, f"result = try_uring_open('{ok}', personality=True)") == (EPERM, 0)
+    lz.records.find(lambda r: r.action == "SelfProtect" and "io_uring" in r.reason)
+
+
+def test_io_uring_workers_of_a_moved_agent_stay_governed(lz):
+    a = lz.agent()
+    try:
+        root = os.path.dirname(os.path.dirname(lz.cgroup))
+        with open(f"{root}/cgroup.procs", "w") as f:
+            f.write(str(a.pid))
+        assert a.run(f"result = try_uring_open('{LT}/w/secrets/s.txt')") == EPERM
+    finally:
+        a.close()
+
+
 def test_bpf_refused(lz, bot, other):
     assert both(bot, other, "result = try_bpf()") == (EPERM, 0)
     rec = lz.records.find(lambda r: r.action == "SelfProtect" and "bpf()" in r.reason)

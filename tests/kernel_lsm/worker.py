@@ -108,6 +108,50 @@ def try_ptrace(pid):
     return 0
 
 
+def try_uring_open(path, personality=False):
+    """openat through io_uring (its worker threads do the open); with a
+    registered personality, the request runs under overridden credentials.
+    0 on success, else the errno."""
+    import mmap
+    import struct
+    params = ctypes.create_string_buffer(120)
+    ring = libc.syscall(425, 4, params)                       # io_uring_setup
+    if ring < 0:
+        return ctypes.get_errno()
+    sq_entries, cq_entries = struct.unpack_from("<II", params, 0)
+    sq_head, sq_tail, sq_mask, _, _, _, sq_array = struct.unpack_from("<7I", params, 40)
+    cq_head, cq_tail, cq_mask, _, _, cqes = struct.unpack_from("<6I", params, 80)
+    size = max(sq_array + sq_entries * 4, cqes + cq_entries * 16)
+    rings = mmap.mmap(ring, size, offset=0)
+    sqes = mmap.mmap(ring, sq_entries * 64, offset=0x10000000)
+    pid = 0
+    if personality:
+        pid = libc.syscall(427, ring, 9, None, 0)              # IORING_REGISTER_PERSONALITY
+        if pid < 0:
+            return ctypes.get_errno()
+    name = ctypes.create_string_buffer(path.encode())
+    tail = struct.unpack_from("<I", rings, sq_tail)[0]
+    idx = tail & struct.unpack_from("<I", rings, sq_mask)[0]
+    sqe = struct.pack("<BBHiQQIIQHHiQQ", 18, 0x10, 0, -100, 0, ctypes.addressof(name), 0, os.O_RDONLY,
+                      7, 0, pid, 0, 0, 0)         # IORING_OP_OPENAT, IOSQE_ASYNC: a worker thread opens
+    sqes[idx * 64:idx * 64 + 64] = sqe
+    struct.pack_into("<I", rings, sq_array + idx * 4, idx)
+    struct.pack_into("<I", rings, sq_tail, tail + 1)
+    if libc.syscall(426, ring, 1, 1, 1, None, 0) < 0:           # io_uring_enter, wait for 1
+        return ctypes.get_errno()
+    head = struct.unpack_from("<I", rings, cq_head)[0]
+    off = cqes + (head & struct.unpack_from("<I", rings, cq_mask)[0]) * 16
+    _, res, _ = struct.unpack_from("<QiI", rings, off)
+    struct.pack_into("<I", rings, cq_head, head + 1)
+    rings.close()
+    sqes.close()
+    os.close(ring)
+    if res >= 0:
+        os.close(res)
+        return 0
+    return -res
+
+
 def in_child(fn, depth=1, setsid=False):
     """Run fn() in a descendant `depth` forks down; its result comes back as JSON."""
     r, w = os.pipe()
