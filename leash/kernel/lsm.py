@@ -101,8 +101,9 @@ def remove_stale_pins(root: str = PIN_ROOT) -> list[int]:
 
 
 def _protect_key(path: str) -> bytes:
-    """leash_protect key: a directory covers everything below it, a file
-    only itself. The owner word is unused (0)."""
+    """leash_protect key: a directory covers everything below it, anything
+    else (a file, or one not created yet such as an audit log) only itself.
+    The owner word is unused (0)."""
     real = os.path.realpath(path)
     if os.path.isdir(real):
         data = (real.rstrip("/") + "/").encode()
@@ -158,8 +159,7 @@ class LsmBackend:
             self._load(sizes)
             self._write_config(0)
             for path in self.protected:
-                if os.path.exists(path):
-                    self._maps["leash_protect"].update(_protect_key(path), struct.pack("<I", 1))
+                self._maps["leash_protect"].update(_protect_key(path), struct.pack("<I", 1))
             self._write_entries(entries)
             self._written[0] = entries
             self._tables[0] = tables
