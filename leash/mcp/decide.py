@@ -16,11 +16,9 @@ on its own arguments.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 
-import cedarpy
 import msgspec
 
 from leash.policy.loader import LoadedPolicy
@@ -90,24 +88,11 @@ class Listing:
 def may_allow(policy: LoadedPolicy, agent: str, server: str, tool: str) -> bool:
     """False when every call to `tool` is refused, whatever its arguments."""
     request = mcp_request(agent, policy.groups_of(agent), server, tool, "tools/call", {})
-    partial = {
-        "principal": _uid_text(request.principal),
-        "action": _uid_text(request.action),
-        "resource": _uid_text(request.resource),
-        "context": dict(request.context, arguments={"__extn": {"fn": "unknown", "arg": "arguments"}}),
-    }
     try:
-        result = cedarpy.is_authorized_partial(partial, policy.policy_set,
-                                               json.dumps(policy.entities_for(request)))
+        answer = policy.decide_partial(request, "arguments")
     except Exception:   # an experimental cedarpy feature: any failure hides the tool
         return False
-    if result.decision == cedarpy.Decision.Deny:
-        return False
-    return not failed_forbids(policy, [str(e) for e in result.diagnostics.errors])
-
-
-def _uid_text(uid: dict) -> str:
-    return f'{uid["type"]}::{json.dumps(uid["id"])}'
+    return answer.allow and not failed_forbids(policy, answer.errors)
 
 
 def _since(start_ns: int) -> int:

@@ -115,6 +115,26 @@ class LoadedPolicy:
         return Decision(r.allowed, list(r.diagnostics.reasons),
                         [str(e) for e in r.diagnostics.errors])
 
+    def decide_partial(self, request: Request, unknown: str) -> Decision:
+        """Cedar's partial evaluation of `request` with `context[unknown]`
+        left unknown. `allow` is False only when the request is refused
+        whatever that value is (a residual that could still allow counts as
+        allowed); `errors` are Cedar's evaluation errors. Raises whatever
+        cedarpy raises (partial evaluation is an experimental cedarpy feature)."""
+        partial = {
+            "principal": _uid_text(request.principal),
+            "action": _uid_text(request.action),
+            "resource": _uid_text(request.resource),
+            "context": dict(request.context, **{unknown: {"__extn": {"fn": "unknown", "arg": unknown}}}),
+        }
+        r = cedarpy.is_authorized_partial(partial, self.policy_set, self._entities_json(request))
+        return Decision(r.decision != cedarpy.Decision.Deny, [], [str(e) for e in r.diagnostics.errors])
+
+
+def _uid_text(u: dict) -> str:
+    """An entity uid as Cedar text, the form partial requests take."""
+    return f'{u["type"]}::{json.dumps(u["id"])}'
+
 
 # ---------------------------------------------------------------- PST walking
 
