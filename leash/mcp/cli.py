@@ -12,6 +12,7 @@ import asyncio
 import sys
 
 from leash.audit import AuditLog
+from leash.mcp.reload import PolicySource
 from leash.mcp.session import Gateway, Settings
 from leash.policy.loader import PolicyLoadError
 
@@ -65,13 +66,19 @@ def _positive(text: str) -> int:
     return value
 
 
-def _gateway(args: argparse.Namespace, transport: str, client_pid: int = 0) -> tuple[Gateway, AuditLog]:
+def _gateway(args: argparse.Namespace, transport: str,
+             client_pid: int = 0) -> tuple[Gateway, PolicySource, AuditLog]:
     """Raises PolicyLoadError (the policy) or OSError (the audit log)."""
     log = AuditLog(args.audit_log)
+    try:
+        source = PolicySource(args.policy, log.write, args.agent, args.mode)
+    except PolicyLoadError:
+        log.close()
+        raise
     settings = Settings(agent=args.agent, server=args.server, transport=transport, mode=args.mode,
                         timeout_s=max(0.0, args.timeout), max_message_bytes=args.max_message_bytes,
                         extra_methods=frozenset(args.allow_method), client_pid=client_pid)
-    return Gateway(settings, args.policy, log.write), log
+    return Gateway(settings, source, log.write), source, log
 
 
 def run_wrap(args: argparse.Namespace) -> int:
@@ -81,7 +88,7 @@ def run_wrap(args: argparse.Namespace) -> int:
         print("leash mcp wrap: give the server command after --", file=sys.stderr)
         return 2
     try:
-        gateway, log = _gateway(args, "stdio", client_pid())
+        gateway, source, log = _gateway(args, "stdio", client_pid())
     except PolicyLoadError as e:
         print(f"leash: policy {args.policy} does not load:\n{e}", file=sys.stderr)
         return 2
@@ -89,7 +96,7 @@ def run_wrap(args: argparse.Namespace) -> int:
         print(f"leash: cannot open the audit log {args.audit_log}: {e.strerror}", file=sys.stderr)
         return 2
     try:
-        return asyncio.run(wrap(gateway, command))
+        return asyncio.run(wrap(gateway, command, source.request_reload))
     finally:
         log.close()
 
@@ -103,7 +110,7 @@ def run_proxy(args: argparse.Namespace) -> int:
         print(f"leash mcp proxy: {e}", file=sys.stderr)
         return 2
     try:
-        gateway, log = _gateway(args, "http")
+        gateway, source, log = _gateway(args, "http")
     except PolicyLoadError as e:
         print(f"leash: policy {args.policy} does not load:\n{e}", file=sys.stderr)
         return 2
@@ -111,7 +118,7 @@ def run_proxy(args: argparse.Namespace) -> int:
         print(f"leash: cannot open the audit log {args.audit_log}: {e.strerror}", file=sys.stderr)
         return 2
     try:
-        return asyncio.run(serve(gateway, config))
+        return asyncio.run(serve(gateway, config, source.request_reload))
     finally:
         log.close()
 

@@ -19,6 +19,7 @@ import signal
 import ssl
 import sys
 from collections import OrderedDict
+from typing import Callable
 from urllib.parse import urlsplit
 
 import msgspec
@@ -693,9 +694,9 @@ async def _within(awaitable, deadline: float | None):
     return await asyncio.wait_for(awaitable, max(0.0, deadline - _now()))
 
 
-async def serve(gateway: Gateway, config: ProxyConfig) -> int:
+async def serve(gateway: Gateway, config: ProxyConfig, reload: Callable[[], None]) -> int:
     """Serve until SIGTERM or SIGINT (exit status 0; 2 when LISTEN cannot be
-    bound); SIGHUP reloads the policy."""
+    bound); SIGHUP calls `reload` (reload the policy now)."""
     loop = asyncio.get_running_loop()
     proxy = Proxy(gateway, config)
     try:
@@ -708,7 +709,7 @@ async def serve(gateway: Gateway, config: ProxyConfig) -> int:
     print(f"leash mcp proxy: http://{config.listen_host}:{port}{config.endpoint} -> {config.upstream}",
           file=sys.stderr, flush=True)
     stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGHUP, gateway.source.request_reload)
+    loop.add_signal_handler(signal.SIGHUP, reload)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with server:

@@ -1,4 +1,6 @@
-"""The policy in force for a gateway, reloaded when its directory changes.
+"""The policy in force for a standalone gateway (wrap, proxy), reloaded when
+its directory changes. (A daemon-hosted session decides with the daemon's
+policy instead, which the daemon reloads.)
 
 `current()` is called before each message is decided: it compares a cheap
 signature of the directory (one stat per file, ~10 µs) with the one the
@@ -6,7 +8,8 @@ policy was loaded from, so an edit applies to the very next message without a
 watcher thread. SIGHUP (`request_reload`) reloads at once, even when the
 signature did not change (an edit within the file system's timestamp
 granularity that kept the size). A policy that fails to load never replaces the one
-in force; the failure is reported once per distinct signature.
+in force; the failure is recorded once per distinct signature, as is every
+successful reload.
 """
 
 from __future__ import annotations
@@ -14,19 +17,20 @@ from __future__ import annotations
 import os
 from typing import Callable
 
+from leash.audit import AuditRecord, now_ns
 from leash.policy.loader import LoadedPolicy, PolicyLoadError, load_policy_dir
 
 Signature = tuple
 
 
 class PolicySource:
-    def __init__(self, directory: str,
-                 on_reload: Callable[[LoadedPolicy], None],
-                 on_reload_error: Callable[[PolicyLoadError], None]) -> None:
-        """Loads the policy now; raises PolicyLoadError if it does not load."""
+    def __init__(self, directory: str, sink: Callable[[AuditRecord], None], agent: str, mode: str) -> None:
+        """Loads the policy now; raises PolicyLoadError if it does not load.
+        Reloads are recorded to `sink` as the gateway's (`agent`, `mode`)."""
         self.directory = directory
-        self._on_reload = on_reload
-        self._on_reload_error = on_reload_error
+        self._sink = sink
+        self._agent = agent
+        self._mode = mode
         self._forced = False
         self._signature = _signature(directory)
         self.policy = load_policy_dir(directory)
@@ -45,11 +49,16 @@ class PolicySource:
         try:
             policy = load_policy_dir(self.directory)
         except PolicyLoadError as e:
-            self._on_reload_error(e)
+            self._record("deny", "policy reload failed; the previous policy stays in force: " + str(e), {})
             return self.policy
         self.policy = policy
-        self._on_reload(policy)
+        self._record("allow", "policy reloaded", {"fingerprint": policy.fingerprint})
         return policy
+
+    def _record(self, decision: str, reason: str, details: dict) -> None:
+        self._sink(AuditRecord(time_ns=now_ns(), agent=self._agent, action="Internal",
+                               resource=f"policy:{self.directory}", decision=decision, backend="mcp",
+                               mode=self._mode, reason=reason, details=details))
 
 
 def _signature(directory: str) -> Signature:

@@ -12,7 +12,7 @@ I/O.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Union
+from typing import Any, Callable, Protocol, Union
 
 import msgspec
 from msgspec import UNSET
@@ -21,8 +21,7 @@ from leash.audit import AuditRecord, now_ns
 from leash.mcp import jsonrpc, methods
 from leash.mcp.decide import Listing, Verdict, decide_call
 from leash.mcp.jsonrpc import Message, RequestId, WireError
-from leash.mcp.reload import PolicySource
-from leash.policy.loader import LoadedPolicy, PolicyLoadError
+from leash.policy.loader import LoadedPolicy
 
 CLIENT, SERVER = "client", "server"
 # How long an answered-by-leash request (timed out, cancelled) is remembered,
@@ -38,7 +37,8 @@ class Settings(msgspec.Struct, frozen=True):
     timeout_s: float = 300.0             # per request; 0 waits forever
     max_message_bytes: int = 16 << 20
     extra_methods: frozenset[str] = frozenset()
-    client_pid: int = 0
+    client_pid: int = 0                  # the MCP client process, when known
+    client_uid: int = 0
 
 
 class Routed(msgspec.Struct):
@@ -69,13 +69,19 @@ class _Call(msgspec.Struct):
     done: bool = False                   # already answered by leash; swallow a late answer
 
 
-class Gateway:
-    """What every session of one gateway process shares: settings, the policy
-    in force, the listing cache and the audit sink."""
+class PolicyInForce(Protocol):
+    def current(self) -> LoadedPolicy:
+        """The policy to decide the next message with."""
 
-    def __init__(self, settings: Settings, policy_dir: str,
+
+class Gateway:
+    """What every session of one gateway shares: settings, the policy in
+    force, the listing cache and the audit sink. A standalone gateway (wrap,
+    proxy) has one; the daemon makes one per connection (each has its agent
+    and server)."""
+
+    def __init__(self, settings: Settings, source: PolicyInForce,
                  sink: Callable[[AuditRecord], None]) -> None:
-        """Raises PolicyLoadError when the policy does not load."""
         self.settings = settings
         self.sink = sink
         self.listing = Listing(settings.agent, settings.server)
@@ -83,7 +89,7 @@ class Gateway:
         self.client_notifications = methods.CLIENT_NOTIFICATIONS | settings.extra_methods
         self.server_requests = methods.SERVER_REQUESTS | settings.extra_methods
         self.server_notifications = methods.SERVER_NOTIFICATIONS | settings.extra_methods
-        self.source = PolicySource(policy_dir, self._reloaded, self._reload_failed)
+        self.source = source
 
     @property
     def enforce(self) -> bool:
@@ -100,21 +106,8 @@ class Gateway:
         extra.update((k, v) for k, v in details.items() if v is not None)
         self.sink(AuditRecord(time_ns=time_ns or now_ns(), agent=s.agent, action="McpCall",
                               resource=resource, decision=decision, policies=policies or [],
-                              backend="mcp", mode=s.mode, pid=s.client_pid, reason=reason,
-                              details=extra))
-
-    def _reloaded(self, policy: LoadedPolicy) -> None:
-        self.sink(AuditRecord(time_ns=now_ns(), agent=self.settings.agent, action="Internal",
-                              resource=f"policy:{policy.directory}", decision="allow",
-                              backend="mcp", mode=self.settings.mode,
-                              reason="policy reloaded", details={"fingerprint": policy.fingerprint}))
-
-    def _reload_failed(self, error: PolicyLoadError) -> None:
-        self.sink(AuditRecord(time_ns=now_ns(), agent=self.settings.agent, action="Internal",
-                              resource=f"policy:{self.source.directory}", decision="deny",
-                              backend="mcp", mode=self.settings.mode,
-                              reason="policy reload failed; the previous policy stays in force: "
-                                     + str(error)))
+                              backend="mcp", mode=s.mode, pid=s.client_pid, uid=s.client_uid,
+                              reason=reason, details=extra))
 
     def audit_arguments(self, policy: LoadedPolicy, arguments: dict) -> dict | None:
         """The arguments as far as `[mcp] record_arguments` lets them into the log."""

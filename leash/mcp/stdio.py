@@ -1,10 +1,11 @@
-"""`leash mcp wrap`: the gateway between an MCP client (our stdin/stdout) and
-the stdio MCP server it spawns.
+"""A stdio MCP server behind the gateway: `leash mcp wrap` (the client is our
+stdin/stdout) and the daemon's hosted servers (the client is a socket
+connection, leash/mcp/service.py) share `run_session`.
 
 Three tasks share one `Session`: client -> server lines, server -> client
-lines, and a timer that answers requests the server leaves unanswered. The
-wrapper ends when the server's stdout ends; when the client closes stdin the
-server's stdin is closed too, and a server that then does not exit is
+lines, and a timer that answers requests the server leaves unanswered. A
+session ends when the server's stdout ends; when the client closes its side
+the server's stdin is closed too, and a server that then does not exit is
 terminated after a grace period. Whatever is still pending at the end gets an
 error answer (if the client is still there) and an audit record.
 """
@@ -17,7 +18,7 @@ import signal
 import stat
 import sys
 import threading
-from typing import Union
+from typing import Callable, Union
 
 from leash.mcp.lines import read_lines
 from leash.mcp.session import CLIENT, SERVER, Gateway, Routed, Session
@@ -26,7 +27,7 @@ EXIT_GRACE_S = 5.0
 
 
 class _Pipes:
-    """The two byte streams and what happened to them."""
+    """The two byte streams a session writes to, and what happened to them."""
 
     def __init__(self, client_out: "_Writer", server_in: asyncio.StreamWriter) -> None:
         self.client_out = client_out
@@ -61,11 +62,11 @@ class _Pipes:
             self.server_closed = True
 
 
-async def wrap(gateway: Gateway, argv: list[str]) -> int:
-    """Run the server `argv` behind the gateway; returns the server's exit
-    status (128+N when a signal N ended it, 127 when it could not start)."""
+async def wrap(gateway: Gateway, argv: list[str], reload: Callable[[], None]) -> int:
+    """Run the server `argv` behind the gateway, for the client on our
+    stdin/stdout; SIGHUP calls `reload`. Returns the server's exit status
+    (128+N when a signal N ended it, 127 when it could not start)."""
     loop = asyncio.get_running_loop()
-    session = gateway.session()
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
@@ -74,15 +75,29 @@ async def wrap(gateway: Gateway, argv: list[str]) -> int:
                        reason=f"cannot start the MCP server: {e.strerror or e}")
         print(f"leash: cannot start the MCP server {argv[0]!r}: {e.strerror or e}", file=sys.stderr)
         return 127
-    assert proc.stdin is not None and proc.stdout is not None
 
     client_in, client_out = await _client_streams(loop)
-    pipes = _Pipes(client_out, proc.stdin)
-
-    loop.add_signal_handler(signal.SIGHUP, gateway.source.request_reload)
+    loop.add_signal_handler(signal.SIGHUP, reload)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _terminate, proc)
+    status = await run_session(gateway, proc, client_in, client_out)
+    try:
+        client_out.close()
+    except OSError:
+        pass
+    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)
+    return status if status >= 0 else 128 - status
 
+
+async def run_session(gateway: Gateway, proc: asyncio.subprocess.Process, client_in: asyncio.StreamReader,
+                      client_out: "_Writer") -> int:
+    """One session between a client and the running server `proc` (stdin and
+    stdout piped), until the server's stdout ends. Returns its exit status
+    (-N: killed by signal N). The caller closes `client_out`."""
+    assert proc.stdin is not None and proc.stdout is not None
+    session = gateway.session()
+    pipes = _Pipes(client_out, proc.stdin)
     limit = gateway.settings.max_message_bytes
     client_task = asyncio.create_task(_client_to_server(session, pipes, client_in, proc, limit))
     timer_task = asyncio.create_task(_timer(session, pipes)) if gateway.settings.timeout_s > 0 else None
@@ -98,13 +113,7 @@ async def wrap(gateway: Gateway, argv: list[str]) -> int:
         session.abandon(None, "the client went away; " + why)
     else:
         await pipes.send(session.fail(None, why))
-    try:
-        client_out.close()
-    except OSError:
-        pass
-    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
-        loop.remove_signal_handler(sig)
-    return status if status >= 0 else 128 - status
+    return status
 
 
 async def _client_streams(loop: asyncio.AbstractEventLoop) -> tuple[asyncio.StreamReader, "_Writer"]:
