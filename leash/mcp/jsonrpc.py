@@ -31,6 +31,7 @@ HEADER_MISMATCH = -32020
 POLICY_REFUSED = -32010
 UPSTREAM_FAILED = -32011
 UPSTREAM_TIMEOUT = -32012
+CONNECTION_REFUSED = -32013      # the daemon refused a connection (not an agent, unknown server)
 
 RequestId = Union[int, str]
 
