@@ -190,9 +190,17 @@ def run(args) -> int:
         except Exception as e:
             _say(f"cannot start the {getattr(backend, 'name', '?')} backend: {e}")
             return EXIT_UNSUPPORTED
+        from leash.mcp.service import ServiceError
+        mcp = None
         try:
+            mcp = _start_mcp(keeper, backend, registry, audit, args.mode)
             return _serve(args, backend, keeper, registry, child)
+        except ServiceError as e:
+            _say(str(e))
+            return EXIT_UNSUPPORTED
         finally:
+            if mcp is not None:
+                mcp.stop()
             keeper.stop()
             backend.stop()
     except CgroupError as e:
@@ -202,6 +210,24 @@ def run(args) -> int:
         if child is not None:
             child.cleanup()
         audit.close()
+
+
+def _start_mcp(keeper: PolicyKeeper, backend, registry: AgentRegistry, audit: AuditLog, mode: str):
+    """Serve leash.toml's [mcp.servers] to governed agents (docs/mcp.md);
+    None when it declares none. Raises ServiceError."""
+    config = keeper.policy.config.mcp
+    if not config.servers:
+        return None
+    from leash.mcp.service import McpService
+
+    def agent_of_pid(pid: int) -> str | None:
+        names = {agent_id: name for name, agent_id in list(registry.ids.items())}
+        return names.get(backend.agent_of_pid(pid))
+
+    service = McpService(config.socket, lambda: keeper.policy, agent_of_pid, audit.write, mode)
+    service.start()
+    _say(f"serving MCP servers {', '.join(sorted(config.servers))} to agents on {config.socket}")
+    return service
 
 
 def _serve(args, backend, keeper: PolicyKeeper, registry: AgentRegistry, child) -> int:
