@@ -23,8 +23,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     leaves = mcp.add_subparsers(dest="mcp_command", required=True, metavar="{wrap,proxy}")
 
     wrap = leaves.add_parser("wrap", help="sit between an MCP client and a stdio server it spawns",
-                             description="Point the agent's MCP config at this command instead of the "
-                                         "server: leash spawns CMD and checks every message.")
+                             description="Spawn CMD and check every message between it and the MCP "
+                                         "client on stdin/stdout. For clients outside every agent's "
+                                         "scope; a governed agent uses a server the daemon hosts "
+                                         "([mcp.servers] in leash.toml) through /run/leash/mcp-relay.")
     _common(wrap)
     wrap.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]",
                       help="the stdio MCP server to run")
@@ -78,14 +80,16 @@ def _gateway(args: argparse.Namespace, transport: str,
     settings = Settings(agent=args.agent, server=args.server, transport=transport, mode=args.mode,
                         timeout_s=max(0.0, args.timeout), max_message_bytes=args.max_message_bytes,
                         extra_methods=frozenset(args.allow_method), client_pid=client_pid)
-    return Gateway(settings, source, log.write), source, log
+    return Gateway(settings, source.current, log.write), source, log
 
 
 def run_wrap(args: argparse.Namespace) -> int:
     from leash.mcp.stdio import client_pid, wrap
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
-        print("leash mcp wrap: give the server command after --", file=sys.stderr)
+        print("leash mcp wrap: give the server command after -- (an agent reaches a server the leash "
+              "daemon hosts through the daemon's relay instead: /run/leash/mcp-relay SERVER; docs/mcp.md)",
+              file=sys.stderr)
         return 2
     try:
         gateway, source, log = _gateway(args, "stdio", client_pid())
