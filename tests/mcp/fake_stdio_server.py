@@ -88,6 +88,11 @@ for line in sys.stdin.buffer:
                 send({"jsonrpc": "2.0", "method": "notifications/progress",
                       "params": {"progressToken": token, "progress": step + 1}})
             text(rid, "progressed")
+        elif name == "whoami":
+            with open("/proc/self/cgroup") as f:
+                cgroup = f.read().strip()
+            text(rid, json.dumps({"uid": os.getuid(), "gid": os.getgid(), "groups": sorted(os.getgroups()),
+                                  "cwd": os.getcwd(), "env": dict(os.environ), "cgroup": cgroup}))
         elif name == "notify":
             send({"jsonrpc": "2.0", "method": "notifications/weird", "params": {}})
             send({"jsonrpc": "2.0", "method": "notifications/message", "params": {"level": "info", "data": "hi"}})
