@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterator
 
 MIN_VERSION = (1, 0)
 BPF_ANY = 0
-BPF_NOEXIST = 1
 
 
 class LibbpfMissing(RuntimeError):
@@ -98,7 +97,6 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "ring_buffer__new": (_P, [ctypes.c_int, _SAMPLE_FN, _P, _P]),
     "ring_buffer__poll": (ctypes.c_int, [_P, ctypes.c_int]),
     "ring_buffer__consume": (ctypes.c_int, [_P]),
-    "ring_buffer__epoll_fd": (ctypes.c_int, [_P]),
     "ring_buffer__free": (None, [_P]),
 }
 

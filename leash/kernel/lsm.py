@@ -145,7 +145,6 @@ class LsmBackend:
         self._lost_seen = [0] * len(STATS)
         self._boot_offset = _boot_offset_ns()
         self.pin_dir: str | None = None
-        self.events = 0
 
     # ----------------------------------------------------------- lifecycle
 
@@ -310,7 +309,6 @@ class LsmBackend:
                 last_stats = time.monotonic()
 
     def _on_event(self, data: bytes) -> None:
-        self.events += 1
         try:
             rec = self._record(EVENT.unpack_from(data))
         except (struct.error, ValueError, KeyError) as e:
