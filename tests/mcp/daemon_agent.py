@@ -74,6 +74,11 @@ def whoami() -> dict:
     return json.loads(answers[2]["result"]["content"][0]["text"])
 
 
+def relay_alone(server: str) -> dict:
+    proc = subprocess.run([sys.executable, setup["relay"], server], input=b"", capture_output=True, timeout=60)
+    return {"status": proc.returncode, "stdout": proc.stdout.decode(), "stderr": proc.stderr.decode()}
+
+
 def claim_another_agent() -> dict:
     """A hello that names an agent: there is no such field to claim with."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -92,4 +97,6 @@ anyio.run(files_session)
 if "who" in setup:
     out["whoami"] = whoami()
 out["claim"] = claim_another_agent()
+out["unknown_server"] = relay_alone("nope")
+out["broken_server"] = relay_alone("broken")
 print(json.dumps(out), flush=True)

@@ -70,6 +70,9 @@ socket = "{self.socket}"
 [mcp.servers.files]
 command = ["{self.program}"]
 
+[mcp.servers.broken]
+command = ["{tmp}/bin/missing"]
+
 [mcp.servers.who]
 command = ["/usr/bin/python3", "{FAKE_SERVER}", "/dev/null"]
 user = "nobody"
@@ -164,6 +167,11 @@ def test_governed_agent_reaches_the_server_only_as_itself(root, tmp_path):
     assert "refused by policy echo-off" in seen["echo_after_reload"]["message"]
     # A hello cannot name an agent.
     assert seen["claim"]["error"]["code"] == jsonrpc.INVALID_REQUEST
+    # The relay's errors are one line each, and it exits 1.
+    assert seen["unknown_server"] == {"status": 1, "stdout": "", "stderr": (
+        "leash: no MCP server 'nope' in the daemon's leash.toml ([mcp.servers.nope])\n")}
+    assert seen["broken_server"] == {"status": 1, "stdout": "", "stderr": (
+        f"leash: cannot start the MCP server '{tmp_path}/bin/missing': No such file or directory\n")}
 
     # The second server runs as configured, and in no agent's scope.
     who = seen["whoami"]
@@ -184,8 +192,11 @@ def test_governed_agent_reaches_the_server_only_as_itself(root, tmp_path):
     assert [sorted(r.details["hidden"]) for r in listing] == [["delete_file", "write_file"]]
     connected = [r for r in recs if r.details["outcome"] == "connected"]
     assert sorted(r.details["server"] for r in connected) == ["files", "who"]
-    claim = [r for r in recs if r.details["outcome"] == "refused connection"]
-    assert len(claim) == 1 and claim[0].agent == "claude" and "hello" in claim[0].reason
+    refused = {r.details["server"]: r for r in recs if r.details["outcome"] == "refused connection"}
+    assert sorted(refused) == ["-", "broken", "nope"]
+    assert all(r.agent == "claude" and r.decision == "deny" for r in refused.values())
+    claim = [refused["-"]]
+    assert "hello" in claim[0].reason
     # Records carry the connecting process: the claim came from the agent
     # itself, every session from a relay the SDK client started.
     assert claim[0].pid == seen["agent_pid"]
@@ -211,7 +222,7 @@ def test_ungoverned_client_is_refused(root, tmp_path):
     daemon = setup.daemon()
     err = Stderr(daemon.stderr)
     try:
-        err.wait_for("serving MCP servers files, who")
+        err.wait_for("serving MCP servers broken, files, who")
         assert stat.S_IMODE(setup.socket.stat().st_mode) == 0o666
         assert stat.S_IMODE(setup.run.stat().st_mode) == 0o755
         assert stat.S_IMODE(setup.relay.stat().st_mode) == 0o755
@@ -231,6 +242,11 @@ def test_ungoverned_client_is_refused(root, tmp_path):
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(60)
     assert daemon.returncode == 0
+    gone = subprocess.run([sys.executable, str(HERE.parent.parent / "leash" / "mcp" / "relay.py"), "files",
+                           "--socket", str(setup.socket)], input=b"", capture_output=True, timeout=60)
+    assert gone.returncode == 1
+    assert gone.stderr.decode() == (f"leash: no leash daemon serves MCP at {setup.socket} (it is not running, "
+                                    "or its leash.toml has no [mcp.servers])\n")
     refusals = [r for r in setup.mcp_records() if r.details["outcome"] == "refused connection"]
     assert [(r.agent, r.decision, r.details["server"]) for r in refusals] == [("", "deny", "files")] * 2
     assert refusals[1].pid == os.getpid()
@@ -241,6 +257,19 @@ def relay_pid(setup: Setup) -> int:
     """The relay's pid, from its refusal record (it has exited by now)."""
     (rec,) = [r for r in setup.mcp_records() if r.details["outcome"] == "refused connection"]
     return rec.pid
+
+
+def test_a_socket_another_process_serves_is_left_alone(root, tmp_path):
+    setup = Setup(tmp_path)
+    setup.run.mkdir(mode=0o755)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as other:
+        other.bind(str(setup.socket))
+        other.listen(1)
+        daemon = setup.daemon("--", "/bin/true")
+        _, err = daemon.communicate(timeout=60)
+    assert daemon.returncode == 1
+    assert f"cannot serve MCP on {setup.socket}: another process is serving it" in err
+    assert setup.socket.exists()
 
 
 def test_socket_in_a_directory_others_may_write_is_refused(root, tmp_path):
