@@ -255,7 +255,8 @@ class CompatBackend(LsmBackend):
                                     "links and renames by agents could not be followed") from None
         live, gone = _Scope(self._maps["compat_tids"].fd), _Scope(self._maps["compat_gone"].fd)
         self.moves = MoveWatcher(notify, lambda tid: live(tid) or gone(tid), self.decider.may_copy,
-                                 self.decider.rw_marked, self.decider.tainted, self.decider.unignore)
+                                 self.decider.rw_marked, self.decider.tainted, self.decider.unignore,
+                                 lambda why: self._internal(why, decision="deny"))
         self.decider.moves = self.moves
         # Answer from the first marked event on: a mark without a responder
         # would hold every open on that filesystem.

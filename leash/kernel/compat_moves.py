@@ -50,13 +50,15 @@ def fsid_of(path: str) -> bytes:
 class MoveWatcher:
     def __init__(self, group: fan.NotifyGroup, actor: Callable[[int], int],
                  may_copy: Callable[[int, str, bool], bool], marked: Callable[[int, int, bytes], bool],
-                 on_taint: Callable[[Taint, int], None], unignore: Callable[[int], None]) -> None:
+                 on_taint: Callable[[Taint, int], None], unignore: Callable[[int], None],
+                 fault: Callable[[str], None]) -> None:
         self.group = group
         self.actor = actor               # thread id -> agent (also for exited threads), 0 none
         self.may_copy = may_copy         # agent could read and write it (the subtree) at this path
         self.marked = marked             # agent opened this inode where it may read and write it
         self.on_taint = on_taint
         self.unignore = unignore         # drop an ignore mark from this fd's inode
+        self.fault = fault               # record an internal error
         self.mounts: dict[bytes, MountRef] = {}
         self.by_dev: dict[int, MountRef] = {}
         self.files: dict[tuple[int, bytes], Taint] = {}
@@ -110,9 +112,24 @@ class MoveWatcher:
     def drain(self) -> None:
         with self.lock:
             for notice in self.group.read():
-                agent = self.actor(notice.tid)
-                if agent:
-                    self._consider(agent, notice)
+                try:
+                    agent = self.actor(notice.tid)
+                    if agent:
+                        self._consider(agent, notice)
+                except Exception as e:   # noqa: BLE001 - one bad notice must not drop the rest
+                    self._failed(notice, e)
+
+    def _failed(self, notice: fan.Notice, error: Exception) -> None:
+        """A link or rename we could not judge: taint what it touched, so no
+        governed open of it follows unjudged (fail closed), and say so."""
+        obj = next((i for i in notice.infos if i.kind == fan.INFO_FID), None)
+        if obj is not None:
+            mount = self.mounts.get(obj.fsid)
+            is_dir = bool(notice.mask & fan.FAN_ONDIR)
+            (self.dirs if is_dir else self.files)[(mount.dev if mount else 0, obj.handle)] = \
+                Taint(0, "rename" if notice.mask & fan.FAN_RENAME else "hard link", "", "", is_dir)
+        self.fault(f"link/rename notice of thread {notice.tid} not judged, object tainted: "
+                   f"{type(error).__name__}: {error}")
 
     def _consider(self, agent: int, notice: fan.Notice) -> None:
         by_kind = {i.kind: i for i in notice.infos}

@@ -52,9 +52,10 @@ def test_mounting_agent_is_killed(lz, who, script):
 
 
 def test_namespace_mates_are_killed_at_their_next_open(lz):
-    # a sibling waits inside the new namespace while the other one mounts
-    script = (f"{NOBODY} unshare -Urm sh -c '(sleep 1; cat {LT}/w/pub/s.txt) & "
-              f"mount --bind {LT}/w/secrets {LT}/w/pub; wait'")
+    # a sibling waits inside the new namespace until the other one has mounted
+    # (--propagation unchanged: unshare(1) would otherwise mount itself)
+    script = (f"{NOBODY} unshare -Urm --propagation unchanged sh -c '(for i in $(seq 100); do [ -e {LT}/w/pub/s.txt ] && break;"
+              f" sleep 0.1; done; cat {LT}/w/pub/s.txt) & mount --bind {LT}/w/secrets {LT}/w/pub; wait'")
     r = as_agent(lz, script)
     assert "secret" not in r.stdout
     lz.records.find(lambda x: x.action == "SelfProtect" and x.reason.startswith("open in a mount namespace"))
