@@ -399,10 +399,11 @@ struct leash_decision {
 	__u16 action;
 	__u16 reason;
 	__u8 denied;
+	__u8 always;                    /* self-protection: refused in audit mode too */
 	__u8 is_dir;
 	__u8 family;
-	__u8 proto;
 	__u16 port;
+	__u8 proto;
 	const __u8 *addr;               /* 16 bytes, or NULL */
 	const char *path;               /* kernel buffer holding a NUL-terminated path, or NULL */
 };
@@ -457,14 +458,15 @@ static __always_inline int leash_emit(const struct leash_decision *d, __u32 coun
 }
 
 /*
- * Record a decision and return the hook's answer. Denies are always sent
+ * Record a decision and return the hook's answer. Audit mode refuses
+ * nothing but self-protection (d->always). Denies are always sent
  * (their loss is counted); allows are folded per (process, action, resource)
  * for a window, and an allow that should be recorded but cannot be is
  * refused in enforce mode: nothing happens unrecorded (DESIGN.md 1.5).
  */
 static __always_inline int leash_finish(const struct leash_decision *d, const struct leash_config *cfg)
 {
-	int audit = cfg->mode == LEASH_MODE_AUDIT;
+	int audit = cfg->mode == LEASH_MODE_AUDIT && !d->always;
 	struct leash_scratch *s;
 	struct leash_dedup_key *k;
 	struct leash_dedup_val *v, nv = {};

@@ -64,6 +64,7 @@ static __always_inline int leash_guard(struct leash_decision *d, const struct le
 	d->action = LEASH_ACT_SELF;
 	d->reason = reason;
 	d->denied = 1;
+	d->always = reason == LEASH_WHY_CGROUP || reason == LEASH_WHY_PROTECTED;
 	d->path = path;
 	return leash_finish(d, cfg);
 }

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0 OR Apache-2.0
 /*
- * Self-protection, whatever the policy says: a governed agent cannot use
+ * Self-protection, whatever the policy says and in audit mode too: a
+ * governed agent cannot use
  * bpf(), nor trace or signal the leash daemon, nor run io_uring requests
  * under other credentials (leash tells a filesystem's own credential
  * overrides from the task's by that). Cgroup writes and leash's own files
@@ -23,6 +24,7 @@ static __always_inline int leash_refuse(__u32 agent, __u16 reason, __u32 target)
 	d.reason = reason;
 	d.target = target;
 	d.denied = 1;
+	d.always = 1;
 	return leash_finish(&d, cfg);
 }
 

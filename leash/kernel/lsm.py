@@ -342,7 +342,7 @@ class LsmBackend:
             agent=self._names.get(generation, {}).get(agent, f"agent-{agent}"),
             action=action_name, resource=resource,
             decision="deny" if denied else "allow", policies=policies, backend="lsm",
-            mode=self._mode, pid=tgid, ppid=ppid, uid=uid,
+            mode="enforce" if enforced else self._mode, pid=tgid, ppid=ppid, uid=uid,
             exe=_exe(tgid, comm), count=count, reason=REASONS.get(reason, f"reason {reason}"),
             details=details)
 

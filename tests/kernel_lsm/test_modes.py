@@ -30,6 +30,13 @@ def test_audit_mode_records_without_refusing(tmp_path):
             assert rec.mode == "audit" and bot.pid in (rec.pid, rec.ppid)   # exec: the forked child
         rec = lz.records.find(lambda r: r.resource == f"{LT}/w/secrets/s.txt")
         assert rec.policies == ["no-secrets"]
+        # Self-protection holds in audit mode too.
+        policy_file = os.path.join(lz.policy_dir, "policy.cedar")
+        assert bot.run("result = try_bpf()") == EPERM
+        assert bot.run(f"result = try_open('{policy_file}')") == EPERM
+        assert bot.run(f"result = try_call(os.kill, {os.getpid()}, signal.SIGTERM)") == EPERM
+        rec = lz.records.find(lambda r: r.action == "SelfProtect" and r.resource == policy_file)
+        assert rec.mode == "enforce" and rec.decision == "deny"
 
 
 def test_lost_records_are_counted_and_unrecordable_allows_refused(tmp_path):
