@@ -306,31 +306,38 @@ class Responder:
             pass
 
 
-def syscall_of(tid: int, tries: int = 200) -> tuple[int, list[int]] | None:
+def syscall_of(tid: int, patience: float = 2.0) -> tuple[int, list[int]] | None:
     """The syscall `tid` is blocked in and its six arguments, or None when the
     kernel cannot say (a kernel thread, gone). A thread waiting for our
-    permission answer is blocked, so this names the open that waits; it may
-    still be on its way to sleep when we look (the kernel says "running"),
-    hence the retries."""
+    permission answer is blocked, so this names the open that waits. It may
+    still be on its way to sleep when we look (it queued the event, woke us,
+    and was preempted before sleeping: the kernel says "running"); under load
+    that lasts milliseconds, so wait for it, up to `patience` seconds."""
     path = f"/proc/{tid}/syscall"
-    for attempt in range(tries):
+    deadline = 0.0
+    pause = 0.00002
+    while True:
         try:
             fields = read_proc(path).split()
         except OSError:
             return None
-        if fields and fields[0] == b"running":
-            if attempt < 10:
-                os.sched_yield()
-            else:
-                time.sleep(0.00002)
+        if not fields or fields[0] != b"running":
+            break
+        now = time.monotonic()
+        if not deadline:
+            deadline = now + patience
+            os.sched_yield()
             continue
-        if len(fields) < 7 or not fields[0].lstrip(b"-").isdigit():
+        if now > deadline:
             return None
-        nr = int(fields[0])
-        if nr < 0:
-            return None
-        return nr, [int(x, 16) for x in fields[1:7]]
-    return None
+        time.sleep(pause)
+        pause = min(pause * 2, 0.001)
+    if len(fields) < 7 or not fields[0].lstrip(b"-").isdigit():
+        return None
+    nr = int(fields[0])
+    if nr < 0:
+        return None
+    return nr, [int(x, 16) for x in fields[1:7]]
 
 
 def read_proc(path: str) -> bytes:
