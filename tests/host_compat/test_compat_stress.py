@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from harness import LT, other_agent, running
+from compat_harness import LT, other_agent, running
 
 EPERM = errno.EPERM
 FILES = 3000

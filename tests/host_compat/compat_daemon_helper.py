@@ -1,5 +1,5 @@
 """A compat backend in a process of its own, for tests that kill, stop or
-break it: python3 daemon_helper.py POLICY_DIR CGROUP STALL_S.
+break it: python3 compat_daemon_helper.py POLICY_DIR CGROUP STALL_S.
 Prints "ready" once the cgroup is governed; then reads commands on stdin:
 "crash" makes the responder's next batch raise (its loop dies)."""
 

@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from harness import LT, running
+from compat_harness import LT, running
 
 EPERM = errno.EPERM
 NOBODY = "setpriv --reuid=65534 --regid=65534 --clear-groups"

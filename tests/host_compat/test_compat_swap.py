@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from harness import LT, POLICY, compile_dir, running, write_policy
+from compat_harness import LT, POLICY, compile_dir, running, write_policy
 
 EPERM = errno.EPERM
 # B: the key becomes readable, ok.txt stops being; 8081 opens, 8080 closes.

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from harness import LT, POLICY, Agent, compile_dir, make_world, other_agent, running, write_policy
+from compat_harness import LT, POLICY, Agent, compile_dir, make_world, other_agent, running, write_policy
 from leash.kernel import cgroup, compat, fanotify
 from leash.kernel.lsm import PIN_ROOT
 
@@ -99,7 +99,7 @@ def helper(tmp_path):
     policy_dir = str(tmp_path / "policy")
     write_policy(policy_dir, POLICY)
     cg = cgroup.create_agent_cgroup("bot", f"helper-{os.getpid()}-{time.monotonic_ns()}")
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "daemon_helper.py"), policy_dir, cg, "3"],
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "compat_daemon_helper.py"), policy_dir, cg, "3"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         while True:

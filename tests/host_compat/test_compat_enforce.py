@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from harness import LT, other_agent, running
+from compat_harness import LT, other_agent, running
 from leash.kernel import compat
 
 EPERM, ECONNREFUSED = errno.EPERM, errno.ECONNREFUSED

@@ -11,7 +11,7 @@ import shlex
 
 import pytest
 
-from harness import LT, POLICY, REPO, leash_cli, make_world, other_agent, write_policy
+from compat_harness import LT, POLICY, REPO, leash_cli, make_world, other_agent, write_policy
 from leash.kernel.lsm import PIN_ROOT
 
 SCRIPT = (f"cat {LT}/w/ok.txt; echo; cat {LT}/w/secrets/s.txt; echo rc=$?; "
