@@ -555,9 +555,12 @@ def _probe_bpf(mount: str | None) -> list[ProbeResult]:
             obj.close()
         return out
     try:
-        tp = loaded[0].programs["leash_fork"].attach()
-        tp.destroy()
-        out.append(ProbeResult("tp_btf programs", True, "sched_process_fork/exec/exit attach"))
+        for obj in loaded:
+            if obj.name in (objects.SCOPE, "compat_tasks"):
+                for prog in obj.programs.values():
+                    prog.attach().destroy()
+        out.append(ProbeResult("tp_btf programs", True, "task creation, fork, exec, exit and "
+                               "cgroup attach tracepoints attach"))
     except libbpf.BpfError as e:
         out.append(ProbeResult("tp_btf programs", False, str(e)))
     try:
