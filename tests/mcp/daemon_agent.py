@@ -68,14 +68,14 @@ def whoami() -> dict:
                          "clientInfo": {"name": "raw", "version": "0"}}},
              {"jsonrpc": "2.0", "method": "notifications/initialized"},
              {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "whoami", "arguments": {}}}]
-    proc = subprocess.run([sys.executable, setup["relay"], "who"], capture_output=True, timeout=60,
+    proc = subprocess.run([sys.executable, setup["relay"], "who"], capture_output=True, timeout=300,
                           input=b"".join(json.dumps(m).encode() + b"\n" for m in lines))
     answers = {m.get("id"): m for m in map(json.loads, proc.stdout.splitlines())}
     return json.loads(answers[2]["result"]["content"][0]["text"])
 
 
 def relay_alone(server: str) -> dict:
-    proc = subprocess.run([sys.executable, setup["relay"], server], input=b"", capture_output=True, timeout=60)
+    proc = subprocess.run([sys.executable, setup["relay"], server], input=b"", capture_output=True, timeout=300)
     return {"status": proc.returncode, "stdout": proc.stdout.decode(), "stderr": proc.stderr.decode()}
 
 

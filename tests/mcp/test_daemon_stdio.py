@@ -1,5 +1,5 @@
 """Daemon-hosted stdio MCP servers end to end, on this machine's kernel
-(compat backend; root): `leash --policy DIR -- python daemon_agent.py` runs
+(compat backend; root; lsm in the VM, see BACKEND): `leash --policy DIR -- python daemon_agent.py` runs
 an agent whose official-SDK MCP client reaches the `files` server (an
 SDK-built server, tests/mcp/server_app.py) only through the daemon's socket
 and published relay. The principal is the agent the kernel put the client
@@ -27,6 +27,9 @@ from leash.policy.config import ConfigError, parse_config
 from tests.mcp.helpers import CONFIG, ENV, FAKE_SERVER, HERE, POLICY, SERVER_APP, VISIBLE, records
 
 AGENT = HERE / "daemon_agent.py"
+# compat on the build machines; the same tests pass under lsm in the VM
+# (tools/vm/run -- env LEASH_MCP_TEST_BACKEND=lsm python -m pytest tests/mcp/test_daemon_stdio.py).
+BACKEND = os.environ.get("LEASH_MCP_TEST_BACKEND", "compat")
 
 KERNEL_POLICY = """\
 @id("agent-files")
@@ -81,7 +84,7 @@ env = {{ FOO = "bar" }}
 """)
 
     def daemon(self, *args: str, stdin=subprocess.DEVNULL) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "leash", "--policy", str(self.policy), "--backend", "compat",
+        return subprocess.Popen([sys.executable, "-m", "leash", "--policy", str(self.policy), "--backend", BACKEND,
                                  "--audit", str(self.audit), *args], env=ENV, stdin=stdin,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -108,7 +111,7 @@ class Stderr:
                 self.lines.append(line.rstrip("\n"))
                 self._cond.notify_all()
 
-    def wait_for(self, text: str, after: int = 0, timeout: float = 60) -> int:
+    def wait_for(self, text: str, after: int = 0, timeout: float = 300) -> int:
         """Index of the first line from `after` on containing `text`."""
         deadline = time.monotonic() + timeout
         with self._cond:
@@ -134,7 +137,7 @@ def run_agent(setup: Setup, agent: str, control: Path | None = None) -> tuple[di
     if control is not None:
         # The agent has made its first calls and waits; forbid echo, wait
         # until the daemon has the new policy, let the agent go on.
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 600
         while not (control / "phase1").exists():
             assert daemon.poll() is None and time.monotonic() < deadline, err.lines[-15:]
             time.sleep(0.05)
@@ -142,7 +145,7 @@ def run_agent(setup: Setup, agent: str, control: Path | None = None) -> tuple[di
             f.write('\n@id("echo-off")\nforbid(principal, action, resource == MCP::Tool::"echo");\n')
         err.wait_for("policy reloaded")
         (control / "go").touch()
-    out, _ = daemon.communicate(timeout=180)
+    out, _ = daemon.communicate(timeout=600)
     assert daemon.returncode == 0, "\n".join(err.lines[-30:])
     return json.loads(out.strip().splitlines()[-1]), err
 
