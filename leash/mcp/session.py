@@ -12,7 +12,7 @@ I/O.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Protocol, Union
+from typing import Any, Callable, Union
 
 import msgspec
 from msgspec import UNSET
@@ -69,19 +69,15 @@ class _Call(msgspec.Struct):
     done: bool = False                   # already answered by leash; swallow a late answer
 
 
-class PolicyInForce(Protocol):
-    def current(self) -> LoadedPolicy:
-        """The policy to decide the next message with."""
-
-
 class Gateway:
     """What every session of one gateway shares: settings, the policy in
     force, the listing cache and the audit sink. A standalone gateway (wrap,
     proxy) has one; the daemon makes one per connection (each has its agent
     and server)."""
 
-    def __init__(self, settings: Settings, source: PolicyInForce,
+    def __init__(self, settings: Settings, policy: Callable[[], LoadedPolicy],
                  sink: Callable[[AuditRecord], None]) -> None:
+        """`policy()` is asked before each decision for the policy in force."""
         self.settings = settings
         self.sink = sink
         self.listing = Listing(settings.agent, settings.server)
@@ -89,7 +85,7 @@ class Gateway:
         self.client_notifications = methods.CLIENT_NOTIFICATIONS | settings.extra_methods
         self.server_requests = methods.SERVER_REQUESTS | settings.extra_methods
         self.server_notifications = methods.SERVER_NOTIFICATIONS | settings.extra_methods
-        self.source = source
+        self.policy = policy
 
     @property
     def enforce(self) -> bool:
@@ -201,7 +197,7 @@ class Session:
                 methods.TOOLS_CALL, "invalid", to_client)
         arguments = arguments or {}
         # The policy in force is looked up per decision: an edit applies to the next call.
-        policy = self.gw.source.current()
+        policy = self.gw.policy()
         verdict = decide_call(policy, s.agent, s.server, tool, arguments)
         call.resource, call.verdict = tool, verdict
         call.arguments = self.gw.audit_arguments(policy, arguments)
@@ -289,7 +285,7 @@ class Session:
             return
         hidden = None
         if kind == jsonrpc.RESULT and call.method == methods.TOOLS_LIST:
-            hidden = self._filter_listing(self.gw.source.current(), msg)
+            hidden = self._filter_listing(self.gw.policy(), msg)
             if hidden is None:
                 to_client.append(jsonrpc.error_reply(rid, jsonrpc.UPSTREAM_FAILED,
                                                      "leash: the MCP server's tools/list result is not readable"))
