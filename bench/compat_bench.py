@@ -129,7 +129,8 @@ def one_round(exe: str, tables) -> tuple[dict[str, dict[str, float]], tuple[int,
             measure(exe, case, None, False)    # a real host is warm: cacheable files are cached
             r[case]["compat, out of scope"] = measure(exe, case, None, False)
             r[case]["compat, governed agent"] = measure(exe, case, cg, False)
-        stats = (backend.responder.events, backend.responder.governed_events, backend.decider.ignore_marks)
+        c = backend.stats()
+        stats = (c.events, c.governed, c.ignore_marks)
     finally:
         cgroup.kill_all(cg)
         backend.stop()

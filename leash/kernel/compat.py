@@ -3,25 +3,24 @@
     network   cgroup sock_addr programs (connect4/6, sendmsg4/6) and sock_create,
               attached at the root of the cgroup v2 hierarchy, reading the same
               tables as the lsm backend (compat_net.bpf.c)
-    files     fanotify permission events on every filesystem, decided in
-              userspace from the same tables (compat_files.py)
-    processes tp_btf fork/exec/exit: scope by task (scope.bpf.c) and by thread
-              id for the responder and sock_addr programs (compat_tasks.bpf.c)
+    files     fanotify permission events on every filesystem, decided from the
+              same tables in a process of its own (compat_responder.py)
+    processes tp_btf task creation/exec/exit: scope by task (scope.bpf.c) and by
+              thread id for the responder and sock_addr programs (compat_tasks.bpf.c)
     mounts    syscall tracepoints: a governed process that mounts is killed and
               its mount namespace poisoned (compat_mounts.bpf.c)
+    liveness  a watchdog process (compat_watchdog.py)
 
 The tables, their two generations, the ring buffer and its records are the
-lsm backend's machinery, inherited; what differs is what is loaded and where
-it is attached. docs/compat.md says precisely what this backend cannot do.
+lsm backend's machinery, inherited; what differs is what is loaded, where it
+is attached, and the responder process. docs/compat.md says precisely what
+this backend cannot do.
 """
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import os
 import queue
-import select
 import signal
 import struct
 import subprocess
@@ -34,9 +33,8 @@ import msgspec
 
 from leash.audit import AuditRecord, now_ns
 from leash.kernel import cgroup, compat_watchdog, libbpf, objects
+from leash.kernel import compat_responder as cr
 from leash.kernel import fanotify as fan
-from leash.kernel.compat_files import FileDecider, Oracle
-from leash.kernel.compat_moves import MoveWatcher
 from leash.kernel.lsm import PIN_ROOT, LsmBackend, default_protected, mount_bpffs, remove_stale_pins
 from leash.policy.tables import DecisionTables
 
@@ -49,17 +47,11 @@ COMPAT_REASONS = {
     33: "open in a mount namespace where a governed process mounted: killed before it "
         "could use it",
 }
-MARK_MASK = fan.FAN_OPEN_PERM | fan.FAN_OPEN_EXEC_PERM | fan.FAN_ONDIR
 BTF_PATH = "/sys/kernel/btf/vmlinux"
-
-# procfs refuses permission events (FS_DISALLOW_NOTIFY_PERM: they could
-# deadlock); autofs holds no files, what it mounts appears as a new mount.
-UNMARKABLE = {"proc": "procfs refuses fanotify permission events",
-              "autofs": "an automount point holds no files"}
-CGROUP_TYPES = ("cgroup", "cgroup2")
-HEARTBEAT_S = 1.0
 BACKLOG = 65536             # records waiting for the audit sink before backpressure
-STUCK_S = 5.0               # a batch taking longer than this: the responder is stuck
+RESPONDER_SILENT_S = 3.0    # no heartbeat from the responder for this long: stuck
+START_TIMEOUT_S = 60.0
+REPLY_TIMEOUT_S = 30.0
 
 
 class ProbeResult(msgspec.Struct, frozen=True):
@@ -71,67 +63,6 @@ class ProbeResult(msgspec.Struct, frozen=True):
 
 class CompatUnavailable(RuntimeError):
     """The compat backend cannot enforce here; str() is the one-line reason."""
-
-
-class Mount(msgspec.Struct, frozen=True):
-    dev: int              # kernel dev_t: major << 20 | minor
-    user_dev: int         # st_dev as stat() reports it
-    path: str
-    fstype: str
-    root: str = "/"       # the directory of the filesystem mounted there
-    mount_id: int = 0
-
-
-def mounts(mountinfo: str | None = None) -> list[Mount]:
-    """Every mount in leash's mount namespace, in mount order."""
-    if mountinfo is None:
-        with open("/proc/self/mountinfo") as f:
-            mountinfo = f.read()
-    out = []
-    for line in mountinfo.splitlines():
-        fields = line.split()
-        if "-" not in fields:
-            continue
-        sep = fields.index("-")
-        major, minor = (int(x) for x in fields[2].split(":"))
-        out.append(Mount(major << 20 | minor, os.makedev(major, minor), cgroup._unescape(fields[4]),
-                         fields[sep + 1], cgroup._unescape(fields[3]), int(fields[0])))
-    return out
-
-
-def filesystems(mountinfo: str | None = None) -> list[Mount]:
-    """One mount per superblock, in mount order: where its whole tree is
-    mounted when it is (so paths resolved through it are the real ones)."""
-    seen: dict[int, Mount] = {}
-    for m in mounts(mountinfo):
-        if m.dev not in seen or (m.root == "/" and seen[m.dev].root != "/"):
-            seen[m.dev] = m
-    return list(seen.values())
-
-
-def _visible(m: Mount) -> bool:
-    """False when another mount hides this one's mount point."""
-    try:
-        return os.stat(m.path).st_dev == m.user_dev
-    except OSError:
-        return False
-
-
-def mark_all(group: fan.PermissionGroup, mounts: Iterable[Mount]) -> tuple[list[Mount], list[str]]:
-    """Mark every superblock that can hold a governed file. Returns what was
-    marked and, for each one that refused, a one-line reason."""
-    marked, refused = [], []
-    for m in mounts:
-        if m.fstype in UNMARKABLE or not _visible(m):
-            continue
-        try:
-            group.mark_filesystem(m.path, MARK_MASK)
-        except fan.FanotifyError as e:
-            refused.append(f"cannot watch {m.path} ({m.fstype}) for permission events: "
-                           f"{os.strerror(e.errno)}")
-            continue
-        marked.append(m)
-    return marked, refused
 
 
 def mount_tracefs() -> None:
@@ -153,61 +84,44 @@ def threads_in(cgroup_path: str) -> list[int]:
     return out
 
 
-class _Scope:
-    """compat_tids lookups for the responder: one bpf() syscall with buffers
-    made once, since every unignored open on the host comes through here."""
-
-    def __init__(self, map_fd: int) -> None:
-        self._fd = map_fd
-        self._lookup = libbpf.lib().bpf_map_lookup_elem
-        self._key = ctypes.create_string_buffer(4)
-        self._val = ctypes.create_string_buffer(4)
-
-    def __call__(self, tid: int) -> int:
-        struct.pack_into("<I", self._key, 0, tid)
-        rc = self._lookup(self._fd, self._key, self._val)
-        if rc == 0:
-            return struct.unpack_from("<I", self._val)[0]
-        if rc == -errno.ENOENT:
-            return 0
-        raise OSError(-rc, f"compat_tids lookup: {os.strerror(-rc)}")
-
-
 class CompatBackend(LsmBackend):
     name = "compat"
 
     def __init__(self, protected_paths: Iterable[str] = (), pin_root: str | None = PIN_ROOT,
-                 oracle: Oracle | None = None, cache_allows: bool = True,
-                 watchdog_stall_s: float = 10.0) -> None:
+                 cache_allows: bool = True, watchdog_stall_s: float = 10.0,
+                 backlog_limit: int = BACKLOG, fault: str = "") -> None:
         """`cache_allows`: once a file may be opened in every way by every
         agent, let the kernel stop asking about it (fanotify ignore marks).
         Ungoverned processes then pay nothing for it, and governed opens of
-        it are no longer recorded (docs/compat.md)."""
+        it are no longer recorded (docs/compat.md). `fault`: a test seam
+        passed to the responder (compat_responder._inject)."""
         super().__init__((), pin_root)
         # No leash_protect map here: leash's own files are guarded by the
-        # fanotify responder instead.
+        # responder instead.
         self.protected = []
         self.file_protected = [os.path.realpath(p) for p in (*default_protected(), *protected_paths)]
-        self.oracle = oracle
         self.cache_allows = cache_allows
         self.watchdog_stall_s = watchdog_stall_s
+        self.fault = fault
+        self.backlog_limit = backlog_limit
         self.watchdog: subprocess.Popen | None = None
+        self.responder: subprocess.Popen | None = None
+        self.ready: cr.Ready | None = None
         self._heart: threading.Thread | None = None
         self._heart_stop = threading.Event()
-        self.group: fan.PermissionGroup | None = None
-        self.responder: fan.Responder | None = None
-        self.decider: FileDecider | None = None
-        self.moves: MoveWatcher | None = None
-        self.marked: list[Mount] = []
+        self._reader: threading.Thread | None = None
+        self._replies: queue.SimpleQueue = queue.SimpleQueue()
+        self._last_alive = 0.0
+        self._closing = False
         self._records: queue.SimpleQueue = queue.SimpleQueue()
-        self.backlog_limit = BACKLOG
         self._backlog = 0
         self._drained = threading.Condition()
         self._recorder: threading.Thread | None = None
-        self._watcher: threading.Thread | None = None
-        self._watch_stop_r, self._watch_stop_w = -1, -1
         self._outer_sink: Callable[[AuditRecord], None] | None = None
         self._cgroup_fd = -1
+        self._encoder = msgspec.json.Encoder()
+        self._send_lock = threading.Lock()
+        self._told_full = False
 
     # ----------------------------------------------------------- lifecycle
 
@@ -224,129 +138,94 @@ class CompatBackend(LsmBackend):
                                           daemon=True)
         self._recorder.start()
         try:
-            try:
-                self.group = fan.PermissionGroup()
-            except fan.FanotifyError as e:
-                raise CompatUnavailable(f"fanotify permission events are unavailable: "
-                                        f"{os.strerror(e.errno)} (needs CONFIG_FANOTIFY_ACCESS_PERMISSIONS)") from None
             super().start(tables, mode, self._submit_from_ring)
             self._start_watchdog()
-            self._start_files(tables, mode)
+            self._start_responder(tables, mode)
         except BaseException:
             self.stop()
             raise
 
-    def _start_files(self, tables: DecisionTables, mode: str) -> None:
-        assert self.group is not None
-        cgroup_devs = set()
-        filesystems_now = filesystems()
-        for m in filesystems_now:
-            if m.fstype in CGROUP_TYPES:
-                cgroup_devs.add(m.user_dev)
-        self.decider = FileDecider(self.group, _Scope(self._maps["compat_tids"].fd), mode,
-                                   self._submit, tuple(self.file_protected), cgroup_devs, self.oracle,
-                                   self.cache_allows, self.backlogged)
-        self.decider.set_tables(tables)
-        self.decider.set_mounts(mounts())
-        try:
-            notify = fan.NotifyGroup()
-        except fan.FanotifyError as e:
-            raise CompatUnavailable(f"fanotify cannot report file handles here ({os.strerror(e.errno)}): "
-                                    "links and renames by agents could not be followed") from None
-        live, gone = _Scope(self._maps["compat_tids"].fd), _Scope(self._maps["compat_gone"].fd)
-        self.moves = MoveWatcher(notify, lambda tid: live(tid) or gone(tid), self.decider.may_copy,
-                                 self.decider.rw_marked, self.decider.tainted, self.decider.unignore,
-                                 lambda why: self._internal(why, decision="deny"))
-        self.decider.moves = self.moves
-        # Answer from the first marked event on: a mark without a responder
-        # would hold every open on that filesystem.
-        self.responder = fan.Responder(self.group, self.decider)
-        self.responder.on_crash = self._responder_crashed
-        self.responder.start()
-        self.marked, refused = mark_all(self.group, filesystems_now)
-        if refused:
-            raise CompatUnavailable(refused[0] + (f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""))
-        self._note_marked(self.marked)
-        self._watch_stop_r, self._watch_stop_w = os.pipe2(os.O_CLOEXEC)
-        self._watcher = threading.Thread(target=self._watch_mounts, name="leash-compat-mounts",
-                                         daemon=True)
-        self._watcher.start()
-
     def _start_watchdog(self) -> None:
         """Before any mark: the watchdog must exist before anything can hang
-        on us, and must not inherit the fanotify fds (they are CLOEXEC)."""
+        on us. It is told the responder's pid once there is one."""
         tids_fd = self._maps["compat_tids"].fd
         self.watchdog = subprocess.Popen(
             [sys.executable, "-I", "-S", compat_watchdog.__file__, str(os.getpid()),
              str(self.watchdog_stall_s), str(tids_fd)],
             stdin=subprocess.PIPE, pass_fds=(tids_fd,), cwd="/")
+
+    def _start_responder(self, tables: DecisionTables, mode: str) -> None:
+        fds = {name: self._maps[name].fd for name in ("compat_tids", "compat_gone", "compat_fs")}
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        self.responder = subprocess.Popen(
+            [sys.executable, "-m", "leash.kernel.compat_responder"], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, pass_fds=tuple(fds.values()), cwd="/", env=env)
+        self._tell_watchdog(f"r {self.responder.pid}\n".encode())
+        self._reader = threading.Thread(target=self._read_loop, name="leash-compat-responder",
+                                        daemon=True)
+        self._reader.start()
+        self._send(cr.Config(mode, self.file_protected, self.cache_allows, self.backlog_limit,
+                             fds["compat_tids"], fds["compat_gone"], fds["compat_fs"], tables, self.fault))
+        reply = self._reply(START_TIMEOUT_S)
+        if isinstance(reply, cr.Refused):
+            raise CompatUnavailable(reply.reason)
+        if not isinstance(reply, cr.Ready):
+            raise CompatUnavailable(f"the file responder did not start ({reply})")
+        self.ready = reply
+        self._last_alive = time.monotonic()
         self._heart_stop.clear()
         self._heart = threading.Thread(target=self._heartbeat, name="leash-compat-heartbeat", daemon=True)
         self._heart.start()
 
-    def _tell_watchdog(self, data: bytes) -> None:
-        try:
-            assert self.watchdog is not None and self.watchdog.stdin is not None
-            self.watchdog.stdin.write(data)
-            self.watchdog.stdin.flush()
-        except (OSError, ValueError, AssertionError) as e:
-            self._internal(f"watchdog unreachable ({e}): a crash of leash would leave agents running",
-                           decision="deny")
-
-    def _heartbeat(self) -> None:
-        while not self._heart_stop.wait(HEARTBEAT_S):
-            r = self.responder
-            if r is not None and r.busy_since and time.monotonic() - r.busy_since > STUCK_S:
-                continue      # let the watchdog see a stuck responder
-            self._tell_watchdog(b"\0")
-
     def update(self, tables: DecisionTables) -> None:
         """Files switch a moment before the kernel tables (which the inherited
         update fills, flips, and retires); each decision sees one policy."""
-        assert self.responder is not None and self.decider is not None
-        old = self.decider.tables
-        with self.responder.lock:
-            self.decider.set_tables(tables)
+        old = self._tables.get(self._generation)
+        self._swap_files(tables)
         try:
             super().update(tables)
         except BaseException:
-            with self.responder.lock:
-                self.decider.set_tables(old)
+            if old is not None:
+                self._swap_files(old)
             raise
+
+    def _swap_files(self, tables: DecisionTables) -> None:
+        self._send(cr.Update(tables))
+        reply = self._reply(REPLY_TIMEOUT_S)
+        if not isinstance(reply, cr.Updated):
+            raise RuntimeError(f"the file responder did not take the new policy ({reply})")
 
     def govern(self, agent_id: int, cgroup_path: str) -> None:
         super().govern(agent_id, cgroup_path)
         # Threads already inside: everything started later is caught by
-        # compat_tasks (fork, exec, cgroup attach).
+        # compat_tasks (task creation, exec, cgroup attach).
         tids = self._maps["compat_tids"]
         for tid in threads_in(cgroup_path):
             tids.update(struct.pack("<I", tid), struct.pack("<I", agent_id))
         self._tell_watchdog(b"c " + os.fsencode(cgroup_path) + b"\n")
 
     def stop(self) -> None:
-        if self._watcher is not None:
-            os.write(self._watch_stop_w, b"x")
-            self._watcher.join()
-            self._watcher = None
-        for fd in (self._watch_stop_r, self._watch_stop_w):
-            if fd >= 0:
-                os.close(fd)
-        self._watch_stop_r = self._watch_stop_w = -1
-        if self.responder is not None:
-            self.responder.stop()
-            self.responder = None
-        if self.group is not None:
-            self.group.close()        # the kernel allows anything still pending
-            self.group = None
-        if self.moves is not None:
-            self.moves.close()
-            self.moves = None
-        if self.decider is not None:
-            self.decider.flush()
+        self._closing = True
         if self._heart is not None:
             self._heart_stop.set()
             self._heart.join()
             self._heart = None
+        if self.responder is not None:
+            # Its exit closes the fanotify groups: the kernel allows anything pending.
+            try:
+                self._send(cr.Stop())
+                self.responder.stdin.close()
+            except OSError:
+                pass
+            try:
+                self.responder.wait(timeout=REPLY_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.responder.kill()
+                self.responder.wait()
+            self.responder = None
+        if self._reader is not None:
+            self._reader.join()
+            self._reader = None
         if self.watchdog is not None:
             # A clean stop is not a crash: nothing to kill.
             self._tell_watchdog(b"stop\n")
@@ -361,6 +240,92 @@ class CompatBackend(LsmBackend):
             self._records.put(None)
             self._recorder.join()
             self._recorder = None
+
+    # ----------------------------------------------------- the responder
+
+    def _send(self, msg: msgspec.Struct) -> None:
+        with self._send_lock:
+            assert self.responder is not None and self.responder.stdin is not None
+            self.responder.stdin.write(self._encoder.encode(msg) + b"\n")
+            self.responder.stdin.flush()
+
+    def _reply(self, timeout: float) -> object:
+        try:
+            return self._replies.get(timeout=timeout)
+        except queue.Empty:
+            return f"no answer in {timeout:.0f}s"
+
+    def _read_loop(self) -> None:
+        """Everything the responder says. Records wait here while the audit
+        sink is behind, which backs pressure up into the responder."""
+        assert self.responder is not None and self.responder.stdout is not None
+        decoder = msgspec.json.Decoder(cr.FromResponder)
+        for line in self.responder.stdout:
+            try:
+                msg = decoder.decode(line)
+            except msgspec.DecodeError as e:
+                self._internal(f"unreadable message from the file responder: {e}", "deny")
+                continue
+            if isinstance(msg, cr.Record):
+                self._wait_backlog()
+                self._submit(msg.rec)
+            elif isinstance(msg, cr.Alive):
+                self._last_alive = time.monotonic()
+            elif isinstance(msg, cr.Crashed):
+                self._responder_failed(f"fanotify responder crashed ({msg.reason})")
+            else:
+                self._replies.put(msg)
+        if not self._closing and self.ready is not None:
+            self._responder_failed("the file responder process exited")
+        self._replies.put("the file responder process exited")
+
+    def stats(self) -> cr.Counts:
+        """Fresh counters from the responder (events answered, ignore marks)."""
+        self._send(cr.Query())
+        reply = self._reply(REPLY_TIMEOUT_S)
+        if not isinstance(reply, cr.Counts):
+            raise RuntimeError(f"the file responder did not answer ({reply})")
+        return reply
+
+    def inject_crash(self) -> None:
+        """Test seam: the responder's next batch raises."""
+        self._send(cr.Crash())
+
+    def _responder_failed(self, why: str) -> None:
+        """The kernel already allowed what was pending when the responder's
+        group closed. Governed processes must not go on unwatched: kill them,
+        record why, then make the daemon stop (its SIGTERM path)."""
+        if self._closing:
+            return
+        self._closing = True
+        tids = self._maps.get("compat_tids")
+        for key in tids.keys() if tids is not None else ():
+            try:
+                os.kill(struct.unpack("<I", key)[0], signal.SIGKILL)
+            except OSError:
+                pass
+        self._internal(f"{why}; governed processes killed, leash stopping", decision="deny")
+        with self._drained:
+            self._drained.wait_for(lambda: self._backlog == 0, timeout=5)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    # ------------------------------------------------------------ liveness
+
+    def _tell_watchdog(self, data: bytes) -> None:
+        try:
+            assert self.watchdog is not None and self.watchdog.stdin is not None
+            self.watchdog.stdin.write(data)
+            self.watchdog.stdin.flush()
+        except (OSError, ValueError, AssertionError) as e:
+            self._internal(f"watchdog unreachable ({e}): a crash of leash would leave agents running",
+                           decision="deny")
+
+    def _heartbeat(self) -> None:
+        """On to the watchdog while the responder keeps answering: a silent
+        responder is a stuck one, and the watchdog then kills both."""
+        while not self._heart_stop.wait(cr.HEARTBEAT_S):
+            if time.monotonic() - self._last_alive < RESPONDER_SILENT_S:
+                self._tell_watchdog(b"\0")
 
     # ---------------------------------------------------- loading, attaching
 
@@ -403,70 +368,41 @@ class CompatBackend(LsmBackend):
             rec.reason = COMPAT_REASONS[reason]
         return rec
 
-    # ------------------------------------------------------------- marks
-
-    def _note_marked(self, mounts: Iterable[Mount]) -> None:
-        assert self.moves is not None
-        fs = self._maps["compat_fs"]
-        for m in mounts:
-            fs.update(struct.pack("<I", m.dev), struct.pack("<I", 1))
-            self.moves.watch(m.path)
-
-    def _watch_mounts(self) -> None:
-        """Mark filesystems mounted after start (until marked, a moment, opens
-        there are not seen; governed execs from them are killed meanwhile),
-        and keep the link/rename queue short while no governed open drains it."""
-        assert self.moves is not None
-        with open("/proc/self/mountinfo", "rb") as f:
-            poller = select.poll()
-            poller.register(f.fileno(), select.POLLPRI | select.POLLERR)
-            poller.register(self._watch_stop_r, select.POLLIN)
-            poller.register(self.moves.group.fd, select.POLLIN)
-            while True:
-                ready = dict(poller.poll())
-                if self._watch_stop_r in ready:
-                    return
-                try:
-                    if self.moves.group.fd in ready:
-                        self.moves.drain()
-                    if f.fileno() in ready:
-                        f.seek(0)
-                        f.read()
-                        self._mark_new()
-                except Exception as e:   # noqa: BLE001 - keep watching, say why
-                    self._internal(f"compat watcher: {type(e).__name__}: {e}")
-
-    def _mark_new(self) -> None:
-        assert self.group is not None and self.decider is not None
-        self.decider.set_mounts(mounts())
-        known = {m.dev for m in self.marked}
-        new = [m for m in filesystems() if m.dev not in known]
-        marked, refused = mark_all(self.group, new)
-        self.marked.extend(marked)
-        self._note_marked(marked)
-        for reason in refused:
-            self._internal(f"{reason}: opens there are not governed")
-
     # ------------------------------------------------------------ records
 
     def _submit(self, rec: AuditRecord) -> None:
-        """Every record goes through one thread: the responder must never
-        block on a slow audit sink."""
+        """Every record reaches the sink through one thread."""
         rec.backend = self.name
         with self._drained:
             self._backlog += 1
+            self._tell_backlog()
         self._records.put(rec)
+
+    def _tell_backlog(self) -> None:
+        """The responder refuses governed allows while the sink is far behind
+        (an allow that cannot be recorded): tell it when that starts and ends.
+        Called with _drained held."""
+        full = self._backlog >= self.backlog_limit
+        if full != self._told_full and self.ready is not None and not self._closing:
+            self._told_full = full
+            try:
+                self._send(cr.Backlog(full))
+            except OSError:
+                pass
 
     def backlogged(self) -> bool:
         return self._backlog >= self.backlog_limit
+
+    def _wait_backlog(self) -> None:
+        with self._drained:
+            while self._backlog >= self.backlog_limit and not self._stopping.is_set():
+                self._drained.wait(0.1)
 
     def _submit_from_ring(self, rec: AuditRecord) -> None:
         """The ring buffer's consumer waits while the sink is behind, so the
         ring fills and the kernel side does what it does when records cannot
         be kept: counts lost denies, refuses allows it cannot record."""
-        with self._drained:
-            while self._backlog >= self.backlog_limit and not self._stopping.is_set():
-                self._drained.wait(0.1)
+        self._wait_backlog()
         self._submit(rec)
 
     def _record_loop(self) -> None:
@@ -481,27 +417,12 @@ class CompatBackend(LsmBackend):
                 pass
             with self._drained:
                 self._backlog -= 1
+                self._tell_backlog()
                 self._drained.notify_all()
 
     def _internal(self, reason: str, decision: str = "allow") -> None:
         self._submit(AuditRecord(time_ns=now_ns(), agent="", action="Internal", resource="compat",
                                  decision=decision, mode=self._mode, reason=reason))
-
-    def _responder_crashed(self, error: BaseException) -> None:
-        """The kernel already allowed what was pending when the group closed.
-        Governed processes must not go on unwatched: kill them, record why,
-        then make the daemon stop (its SIGTERM path) so the failure is seen."""
-        tids = self._maps.get("compat_tids")
-        for key in tids.keys() if tids is not None else ():
-            try:
-                os.kill(struct.unpack("<I", key)[0], signal.SIGKILL)
-            except OSError:
-                pass
-        self._internal(f"fanotify responder crashed ({type(error).__name__}: {error}); "
-                       "governed processes killed, leash stopping", decision="deny")
-        with self._drained:
-            self._drained.wait_for(lambda: self._backlog == 0, timeout=5)
-        os.kill(os.getpid(), signal.SIGTERM)
 
     # ------------------------------------------------------------- queries
 
@@ -606,14 +527,14 @@ def _probe_fanotify() -> ProbeResult:
     try:
         # Events raised while the marks exist wait for this group; closing it
         # at once lets the kernel allow them.
-        found = filesystems()
-        marked, refused = mark_all(group, found)
+        found = cr.filesystems()
+        marked, refused = cr.mark_all(group, found)
     finally:
         group.close()
-    skipped = sorted({m.fstype for m in found if m.fstype in UNMARKABLE})
+    skipped = sorted({m.fstype for m in found if m.fstype in cr.UNMARKABLE})
     detail = f"{len(marked)} filesystems can be watched"
     if skipped:
-        detail += f" (not {', '.join(skipped)}: {'; '.join(UNMARKABLE[t] for t in skipped)})"
+        detail += f" (not {', '.join(skipped)}: {'; '.join(cr.UNMARKABLE[t] for t in skipped)})"
     if refused:
         return ProbeResult("fanotify permission events", False, "; ".join(refused))
     return ProbeResult("fanotify permission events", True, detail)

@@ -4,9 +4,10 @@ compiled tables while the opener waits in a fanotify permission event.
 What the event does not say, the blocked thread's /proc entries do: the
 syscall it is in (so the open flags: read or read-write, or an exec), its
 process, parent, uid and executable. A governed open is answered from the
-tables (TableIndex, the kernel's longest-prefix lookups done in userspace);
-Cedar is asked only where the tables have no answer. Anything that cannot be
-resolved is refused (DESIGN.md 1.5).
+tables (TableIndex, the kernel's longest-prefix lookups done in userspace).
+The tables answer every path of every agent they know (the path is complete
+here, never cut at 252 bytes); anything they cannot answer is refused and
+recorded, as is anything that cannot be resolved (DESIGN.md 1.5).
 
 The same semantics as lsm_file.bpf.c / lsm_exec.bpf.c, with the differences
 docs/compat.md lists.
@@ -52,9 +53,6 @@ _LOADER_GLOBS = ("/lib*/ld-linux*.so*", "/usr/lib*/ld-linux*.so*", "/lib/*/ld-li
 DEDUP_WINDOW_NS = 1_000_000_000
 _NEGATIVE_CACHE = 65536
 _RW_MARKS = 65536
-
-Oracle = Callable[[str, str, str, bool], tuple[bool, list[str]]]
-
 
 def _syscall_names() -> dict[int, str]:
     table = _AARCH64 if platform.machine() in ("aarch64", "arm64") else _X86_64
@@ -150,7 +148,7 @@ class FileDecider:
 
     def __init__(self, group: PermissionGroup, scope: Callable[[int], int], mode: str,
                  sink: Callable[[AuditRecord], None], protected: tuple[str, ...],
-                 cgroup_devs: set[int], oracle: Oracle | None, cache_allows: bool = True,
+                 cgroup_devs: set[int], cache_allows: bool = True,
                  backlogged: Callable[[], bool] = lambda: False) -> None:
         self.group = group
         self.scope = scope
@@ -158,7 +156,6 @@ class FileDecider:
         self.sink = sink
         self.protected = tuple(p.rstrip("/") for p in protected)
         self.cgroup_devs = cgroup_devs
-        self.oracle = oracle
         self.cache_allows = cache_allows
         self.backlogged = backlogged
         self.loaders = loader_identities()
@@ -210,17 +207,14 @@ class FileDecider:
         return (self.moves.resolve(st.st_dev, handle) if self.moves is not None else None), handle
 
     def _verdict(self, agent: int, action: str, path: str, is_dir: bool) -> tuple[bool, list[str], str]:
-        """(allow, policy ids, table class) from the tables, Cedar on a miss."""
+        """(allow, policy ids, table class) from the tables; refused when they
+        have no answer (an agent id they do not know)."""
         assert self.index is not None and self.tables is not None
         ans = self.index.path(agent, action, path, is_dir)
-        if ans is not None:
-            v = self.tables.verdicts[ans.verdict]
-            return v.allow, self.tables.policy_ids(ans.verdict), ans.table_class
-        name = self.names.get(agent)
-        if self.oracle is None or name is None:
+        if ans is None:
             return False, [], "no table entry"
-        allow, policies = self.oracle(name, action, path, is_dir)
-        return allow, policies, "cedar"
+        v = self.tables.verdicts[ans.verdict]
+        return v.allow, self.tables.policy_ids(ans.verdict), ans.table_class
 
     # ---------------------------------------------------------- the handler
 

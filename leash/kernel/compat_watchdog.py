@@ -8,11 +8,12 @@ daemon's pipe on stdin:
 
     b"\\0"           a heartbeat (the responder is answering)
     b"c PATH\\n"     a cgroup now governed
+    b"r PID\\n"      the daemon's file responder process
     b"stop\\n"       clean shutdown: exit quietly
 
 On EOF without "stop" (the daemon died) or no heartbeat for STALL_S seconds
-(stuck: it is SIGKILLed first, which closes its fanotify group and releases
-the host), every governed process is killed: every thread id in the
+(stuck: the daemon and its responder are SIGKILLed first, which closes the
+fanotify groups and releases the host), every governed process is killed: every thread id in the
 compat_tids map (inherited as MAP_FD) and everything in the governed
 cgroups. Governed work never goes on unwatched.
 """
@@ -66,15 +67,12 @@ def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # the operator's ^C is for the daemon
     fd = sys.stdin.fileno()
     cgroups: list[str] = []
+    responders: list[int] = []
     pending = b""
     while True:
         ready, _, _ = select.select([fd], [], [], stall)
         if not ready:
             why = f"no heartbeat for {stall:.0f}s: killed the stuck daemon"
-            try:
-                os.kill(daemon, signal.SIGKILL)
-            except OSError:
-                pass
             break
         data = os.read(fd, 65536)
         if not data:
@@ -87,6 +85,13 @@ def main() -> int:
                 return 0
             if line.startswith(b"c "):
                 cgroups.append(os.fsdecode(line[2:]))
+            elif line.startswith(b"r "):
+                responders.append(int(line[2:]))
+    for pid in (daemon, *responders):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
     n = kill_governed(map_fd, cgroups)
     os.write(2, f"leash watchdog: {why}; killed {n} governed processes\n".encode())
     return 1

@@ -8,7 +8,6 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from leash.kernel import fanotify  # noqa: E402
 from leash.kernel.compat import CompatBackend  # noqa: E402
 from leash.policy.compiler import compile_tables  # noqa: E402
 from leash.policy.loader import load_policy_dir  # noqa: E402
@@ -23,9 +22,7 @@ def main() -> None:
     print("ready", flush=True)
     for line in sys.stdin:
         if line.strip() == "crash":
-            def broken(self, data, size):
-                raise RuntimeError("injected responder failure")
-            fanotify.Responder._batch = broken
+            backend.inject_crash()
             print("armed", flush=True)
     backend.stop()
 

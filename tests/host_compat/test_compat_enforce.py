@@ -122,7 +122,7 @@ def test_allow_records_are_folded_and_counted(lz, bot):
 def _ignored(lz, path: str) -> bool:
     """Does the responder's group hold an ignore mark on this file?"""
     ino = f"ino:{os.stat(path).st_ino:x} "
-    with open(f"/proc/self/fdinfo/{lz.backend.group.fd}") as f:
+    with open(f"/proc/{lz.backend.ready.pid}/fdinfo/{lz.backend.ready.group_fd}") as f:
         return any(ino in line and "ignored_mask:0" not in line for line in f)
 
 
@@ -144,15 +144,15 @@ def test_files_every_agent_may_fully_use_are_cached_in_the_kernel(lz, bot, other
     assert bot.run(f"result = try_open('{path}')") == 0
     assert _wait(lambda: _ignored(lz, path))     # placed just after the answer
     time.sleep(0.2)                              # let counts of earlier answers land
-    before = lz.backend.responder.governed_events
+    before = lz.backend.stats().governed
     assert both(bot, other, f"result = [try_open('{path}', os.O_RDWR) for _ in range(100)]") == ([0] * 100, [0] * 100)
-    assert lz.backend.responder.governed_events == before
+    assert lz.backend.stats().governed == before
     # a write drops the mark: the new content is asked about again
     with open(path, "w") as f:
         f.write("y")
     assert not _ignored(lz, path)
     assert bot.run(f"result = try_open('{path}')") == 0
-    assert _wait(lambda: lz.backend.responder.governed_events > before)
+    assert _wait(lambda: lz.backend.stats().governed > before)
 
 
 # --------------------------------------------------------------- bypasses

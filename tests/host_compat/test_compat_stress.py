@@ -60,4 +60,4 @@ def test_ungoverned_opens_thousands_while_an_agent_works(lz):
     writes = [r for r in denies if r.resource.startswith(f"{LT}/many/") and r.action == "FileOpenReadWrite"]
     assert sum(r.count for r in secret) == 300
     assert sum(r.count for r in writes) == 300
-    assert lz.backend.responder.crashed is None
+    assert lz.backend.responder.poll() is None       # the responder process lives on

@@ -7,7 +7,9 @@ import subprocess
 
 import pytest
 
-from leash.kernel import cgroup, compat
+from leash.kernel import cgroup
+from leash.kernel import compat_responder as cr
+from leash.kernel import fanotify
 
 HYBRID = """\
 22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw
@@ -44,13 +46,13 @@ def test_cgroup2_mount_refuses_a_container_view(tmp_path):
 def test_mountinfo_escapes():
     line = r"40 22 0:60 / /mnt/with\040space rw - tmpfs tmpfs rw" + "\n"
     assert cgroup.cgroup2_mounts(line.replace("tmpfs tmpfs", "cgroup2 x")) == ["/mnt/with space"]
-    (m,) = compat.filesystems(line)
+    (m,) = cr.filesystems(line)
     assert m.path == "/mnt/with space" and m.fstype == "tmpfs"
 
 
 def test_one_mount_per_superblock_kernel_dev_encoding():
     text = HYBRID + "40 22 254:0 /srv /srv rw - ext4 /dev/vda rw\n" + "41 22 259:70000 / /big rw - xfs /dev/x rw\n"
-    mounts = compat.filesystems(text)
+    mounts = cr.filesystems(text)
     assert [m.path for m in mounts] == ["/", "/sys/fs/cgroup", "/sys/fs/cgroup/unified",
                                         "/sys/fs/cgroup/memory", "/proc", "/big"]
     big = mounts[-1]
@@ -73,3 +75,15 @@ def test_agent_cgroup_lifecycle():
         cgroup.remove_cgroup(path)          # kills what is left inside
     assert not os.path.exists(path)
     assert sleeper.wait(timeout=10) == -9
+
+
+def test_a_filesystem_that_refuses_a_mark_is_named():
+    class Picky:
+        def mark_filesystem(self, path, mask):
+            if path == "/tmp":
+                raise fanotify.FanotifyError(22, "fanotify_mark /tmp: Invalid argument")
+    root, tmp = os.stat("/").st_dev, os.stat("/tmp").st_dev
+    found = [cr.Mount(1, root, "/", "ext4"), cr.Mount(2, tmp, "/tmp", "xfs"), cr.Mount(3, 0, "/proc", "proc")]
+    marked, refused = cr.mark_all(Picky(), found)
+    assert [m.path for m in marked] == ["/"]                    # proc: skipped, not refused
+    assert refused == ["cannot watch /tmp (xfs) for permission events: Invalid argument"]
