@@ -17,6 +17,12 @@ minute), so each round measures every configuration back to back, starting
 and stopping leash within the round; a ratio is the median over rounds of
 (configuration / no leash) from the same round.
 
+They are also VMs whose idle vCPUs halt: a wakeup across CPUs then costs tens
+of microseconds, and a responder round trip is two of them. The "one CPU"
+column runs the loop and every thread of the responder on CPU 0, which shows
+the round trip without that cost (an idle host pays it, a busy one much
+less).
+
 Prints Markdown; bench/README.md keeps the latest figures.
 """
 
@@ -59,7 +65,8 @@ CASES = {
     "execve (posix_spawn + wait)": ("exec", f"{ROOT}/bin/true", 200),
     "getppid() (any cheap syscall)": ("getppid", "-", 2000000),
 }
-CONFIGS = ["no leash", "Landlock", "compat, out of scope", "compat, governed agent"]
+CONFIGS = ["no leash", "Landlock", "compat, out of scope", "compat, out of scope, one CPU",
+           "compat, governed agent"]
 SYSCALL_LOOP = r"""
 #include <stdio.h>
 #include <stdlib.h>
@@ -102,10 +109,11 @@ def setup() -> str:
     return exe
 
 
-def measure(exe: str, case: str, cgroup_path: str | None, landlock: bool) -> float:
+def measure(exe: str, case: str, cgroup_path: str | None, landlock: bool, cpu0: bool = False) -> float:
     """ns per iteration, one run."""
     what, target, n = CASES[case]
-    cmd = [f"{ROOT}/bin/getppid", what, str(n)] if what == "getppid" else [exe, what, str(n), target]
+    cmd = ["taskset", "-c", "0"] if cpu0 else []
+    cmd += [f"{ROOT}/bin/getppid", what, str(n)] if what == "getppid" else [exe, what, str(n), target]
     if landlock:
         cmd += ["--landlock", f"{ROOT}/w", f"{ROOT}/bin"]
     enter = f"echo $$ > {cgroup_path}/cgroup.procs && " if cgroup_path else ""
@@ -128,6 +136,9 @@ def one_round(exe: str, tables) -> tuple[dict[str, dict[str, float]], tuple[int,
         for case in CASES:
             measure(exe, case, None, False)    # a real host is warm: cacheable files are cached
             r[case]["compat, out of scope"] = measure(exe, case, None, False)
+            pin(backend.ready.pid, "0")
+            r[case]["compat, out of scope, one CPU"] = measure(exe, case, None, False, cpu0=True)
+            pin(backend.ready.pid, f"0-{os.cpu_count() - 1}")
             r[case]["compat, governed agent"] = measure(exe, case, cg, False)
         c = backend.stats()
         stats = (c.events, c.governed, c.ignore_marks)
@@ -137,6 +148,11 @@ def one_round(exe: str, tables) -> tuple[dict[str, dict[str, float]], tuple[int,
         cgroup.remove_cgroup(cg)
         log.close()
     return r, stats
+
+
+def pin(pid: int, cpus: str) -> None:
+    """Every thread of `pid` onto `cpus`."""
+    subprocess.run(["taskset", "-a", "-p", "-c", cpus, str(pid)], check=True, stdout=subprocess.DEVNULL)
 
 
 def machine() -> str:
