@@ -130,17 +130,19 @@ class Task:
 
 
 class Outcome:
-    """One decision and what the audit record needs."""
-    __slots__ = ("allow", "action", "resource", "policies", "reason", "table_class")
+    """One decision and what the audit record needs. `always`: self-protection,
+    refused in audit mode too (as the lsm backend does)."""
+    __slots__ = ("allow", "action", "resource", "policies", "reason", "table_class", "always")
 
     def __init__(self, allow: bool, action: str, resource: str, policies: list[str] | None = None,
-                 reason: str = "", table_class: str = "") -> None:
+                 reason: str = "", table_class: str = "", always: bool = False) -> None:
         self.allow = allow
         self.action = action
         self.resource = resource
         self.policies = policies or []
         self.reason = reason
         self.table_class = table_class
+        self.always = always
 
 
 class FileDecider:
@@ -245,9 +247,9 @@ class FileDecider:
                           "that cannot be recorded is refused")
         if out.allow and stat.S_ISREG(st.st_mode) and out.action in (FILE_READ, FILE_WRITE):
             self._note_rw(ev.agent, st, path, out.action, handle)
-        allowed = out.allow or self.mode == "audit"
-        self._record(ev.agent, task, out, is_dir)
-        return allowed
+        enforced = not out.allow and (self.mode == "enforce" or out.always)
+        self._record(ev.agent, task, out, is_dir, enforced)
+        return not enforced
 
     def _decide(self, ev: PermEvent, task: Task, st: os.stat_result, is_dir: bool,
                 path: str) -> Outcome | None:
@@ -273,9 +275,9 @@ class FileDecider:
         if not path.startswith("/"):
             return Outcome(False, action, path, reason="no absolute path")
         if self._protected(path):
-            return Outcome(False, SELF_PROTECT, path, reason="leash's own files")
+            return Outcome(False, SELF_PROTECT, path, reason="leash's own files", always=True)
         if write is not False and st.st_dev in self.cgroup_devs:
-            return Outcome(False, SELF_PROTECT, path, reason="write to a cgroup filesystem")
+            return Outcome(False, SELF_PROTECT, path, reason="write to a cgroup filesystem", always=True)
         if write is None:
             # Read-only or read-write unknown (io_uring, a core dump, an
             # unknown syscall): judged as read-write, and read must be
@@ -413,23 +415,23 @@ class FileDecider:
 
     # ------------------------------------------------------------- records
 
-    def _record(self, agent: int, task: Task, out: Outcome, is_dir: bool) -> None:
+    def _record(self, agent: int, task: Task, out: Outcome, is_dir: bool, enforced: bool) -> None:
         count = 1
         if out.allow:
             folded = self._fold((agent, task.tid, out.action, out.resource))
             if folded is None:
                 return
             count = folded
-        self.sink(self._build(agent, task, out, count))
+        self.sink(self._build(agent, task, out, count, "enforce" if enforced else self.mode))
 
-    def _build(self, agent: int, task: Task, out: Outcome, count: int) -> AuditRecord:
+    def _build(self, agent: int, task: Task, out: Outcome, count: int, mode: str) -> AuditRecord:
         details: dict[str, object] = {"tid": task.tid}
         if out.table_class:
             details["class"] = out.table_class
         return AuditRecord(
             time_ns=now_ns(), agent=self.names.get(agent, f"agent#{agent}"), action=out.action,
             resource=out.resource, decision="allow" if out.allow else "deny", policies=out.policies,
-            backend="compat", mode=self.mode, pid=task.tgid, ppid=task.ppid, uid=task.uid,
+            backend="compat", mode=mode, pid=task.tgid, ppid=task.ppid, uid=task.uid,
             exe=task.exe, count=count, reason=out.reason, details=details)
 
     def _fold(self, key: tuple) -> int | None:

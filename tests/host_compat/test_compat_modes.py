@@ -35,6 +35,14 @@ def test_audit_mode_records_without_refusing(tmp_path):
             assert bot.pid in (rec.pid, rec.ppid)
         rec = lz.records.find(lambda r: r.resource == f"{LT}/w/secrets/s.txt")
         assert rec.policies == ["no-secrets"]
+        # self-protection is not audited but enforced, as with lsm
+        import leash
+        own = os.path.join(os.path.dirname(leash.__file__), "audit.py")
+        assert bot.run(f"result = try_open('{own}')") == EPERM
+        root = os.path.dirname(os.path.dirname(lz.cgroup))
+        assert bot.run(f"result = try_open('{root}/cgroup.procs', os.O_WRONLY)") == EPERM
+        rec = lz.records.find(lambda r: r.resource == own)
+        assert rec.action == "SelfProtect" and rec.mode == "enforce"
 
 
 def test_internal_error_refuses_the_governed_open_only(tmp_path):
