@@ -256,8 +256,9 @@ class CompatBackend(LsmBackend):
             return f"no answer in {timeout:.0f}s"
 
     def _read_loop(self) -> None:
-        """Everything the responder says. Records wait here while the audit
-        sink is behind, which backs pressure up into the responder."""
+        """Everything the responder says. Never waits on the audit sink: the
+        responder's heartbeat comes through here too, and backpressure goes
+        to the responder as Backlog messages instead."""
         assert self.responder is not None and self.responder.stdout is not None
         decoder = msgspec.json.Decoder(cr.FromResponder)
         for line in self.responder.stdout:
@@ -267,7 +268,6 @@ class CompatBackend(LsmBackend):
                 self._internal(f"unreadable message from the file responder: {e}", "deny")
                 continue
             if isinstance(msg, cr.Record):
-                self._wait_backlog()
                 self._submit(msg.rec)
             elif isinstance(msg, cr.Alive):
                 self._last_alive = time.monotonic()

@@ -43,7 +43,7 @@ UNMARKABLE = {"proc": "procfs refuses fanotify permission events",
               "autofs": "an automount point holds no files"}
 CGROUP_TYPES = ("cgroup", "cgroup2")
 HEARTBEAT_S = 1.0
-STUCK_S = 5.0               # a batch taking longer than this: the responder is stuck
+STUCK_S = 5.0               # no event answered for this long inside a batch: stuck
 
 
 # ------------------------------------------------------------------ wire
@@ -323,8 +323,9 @@ class FileServer:
         self.marked.extend(found)
 
     def _heartbeat(self) -> None:
-        """Counters every second, unless a batch has been stuck: then silence,
-        and the daemon stops its own heartbeat to the watchdog."""
+        """Every second, unless the loop has answered nothing for STUCK_S in
+        the middle of a batch: then silence, and the daemon stops its own
+        heartbeat to the watchdog."""
         while not _wait_readable(self._stop_r, HEARTBEAT_S):
             busy = self.responder.busy_since
             if busy and time.monotonic() - busy > STUCK_S:

@@ -186,7 +186,9 @@ class Responder:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.crashed: BaseException | None = None
-        self.busy_since = 0.0                # monotonic start of the batch in hand, 0 when idle
+        # While a batch is in hand: when it last made progress (started, or
+        # answered an event); 0 when idle. A stuck responder stops moving it.
+        self.busy_since = 0.0
         self.on_crash: Callable[[BaseException], None] | None = None
 
     def start(self) -> None:
@@ -280,6 +282,7 @@ class Responder:
             self._answer(ev.fd, FAN_ALLOW if verdict else FAN_DENY, ev.mask)
             self.events += 1
             self.governed_events += 1
+            self.busy_since = time.monotonic()
 
     def _answer(self, fd: int, response: int, mask: int) -> None:
         try:

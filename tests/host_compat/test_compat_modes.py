@@ -77,7 +77,8 @@ def test_the_daemon_itself_loads_code_while_enforcing(tmp_path):
 
 
 def test_stuck_audit_sink_backpressure(tmp_path):
-    with running(str(tmp_path), backlog_limit=2000) as lz:
+    # a 3 s watchdog: a stuck sink must not look like a stuck leash
+    with running(str(tmp_path), backlog_limit=2000, watchdog_stall_s=3) as lz:
         gate = threading.Event()
         real_sink = lz.backend._outer_sink
 
@@ -97,6 +98,8 @@ def test_stuck_audit_sink_backpressure(tmp_path):
             assert bot.run(f"result = try_open('{LT}/w/key.txt')") == EPERM  # denies as ever
             lost = lz.backend.lost()
             assert lost["deny"] > 0 and lost["allow"] >= 1
+            time.sleep(6)                                       # well past the watchdog's 3 s
+            assert bot.run(f"result = try_open('{LT}/w/key.txt')") == EPERM
         finally:
             gate.set()
         rec = lz.records.find(lambda r: r.action == "Internal" and "records were lost" in r.reason)
