@@ -187,6 +187,9 @@ def run(args) -> int:
             child.fork()           # before any thread: the child waits, not yet exec'd
         try:
             backend.start(keeper.tables, args.mode, audit.write)
+        except ValueError as e:        # the policy does not fit the kernel tables: nothing attached
+            _say(f"policy refused by the {getattr(backend, 'name', '?')} backend: {e}")
+            return EXIT_BAD_INPUT
         except Exception as e:
             _say(f"cannot start the {getattr(backend, 'name', '?')} backend: {e}")
             return EXIT_UNSUPPORTED

@@ -24,19 +24,13 @@ class DoctorReport(msgspec.Struct):
 
 
 def _host_probes() -> list[Probe]:
-    from leash.kernel.backend import BTF_PATH, active_lsms
-    from leash.kernel.cgroup import CgroupError, cgroup2_mount
+    """What both backends need; each backend's probe adds its own mechanisms."""
+    from leash.kernel.backend import active_lsms
     out = [Probe("root", os.geteuid() == 0, "running as root" if os.geteuid() == 0
                  else "leash needs root to load BPF programs and answer fanotify events")]
-    out.append(Probe("BTF", os.path.exists(BTF_PATH),
-                     BTF_PATH if os.path.exists(BTF_PATH) else f"{BTF_PATH} missing (CONFIG_DEBUG_INFO_BTF)"))
     lsms = active_lsms()
-    out.append(Probe("active LSMs", lsms is not None and "bpf" in lsms.split(","),
+    out.append(Probe("bpf among active LSMs", lsms is not None and "bpf" in lsms.split(","),
                      lsms if lsms is not None else "cannot read /sys/kernel/security/lsm"))
-    try:
-        out.append(Probe("cgroup v2", True, cgroup2_mount()))
-    except CgroupError as e:
-        out.append(Probe("cgroup v2", False, str(e)))
     return out
 
 
