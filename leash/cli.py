@@ -119,6 +119,7 @@ def _run_options(p: argparse.ArgumentParser) -> None:
                    help="audit: record what would be refused, refuse nothing")
     p.add_argument("--backend", choices=("lsm", "compat"), help="force a kernel backend")
     p.add_argument("--audit", metavar="FILE", help="append audit records (JSON Lines) to FILE")
+    p.add_argument("--user", metavar="USER", help="run -- CMD as this user (name or uid) instead of root")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS: run CMD as a governed agent")
 
 

@@ -180,8 +180,18 @@ def run(args) -> int:
     for w in keeper.policy.warnings:
         print(w, file=sys.stderr)
 
-    from leash.runner import AgentRun
-    child = AgentRun(agent, command) if command else None
+    from leash.runner import AgentRun, resolve_user
+    run_as = None
+    if getattr(args, "user", None):
+        if not command:
+            _say("--user applies to -- CMD")
+            return EXIT_BAD_INPUT
+        try:
+            run_as = resolve_user(args.user)
+        except ValueError as e:
+            _say(str(e))
+            return EXIT_BAD_INPUT
+    child = AgentRun(agent, command, run_as) if command else None
     try:
         if child is not None:
             child.fork()           # before any thread: the child waits, not yet exec'd

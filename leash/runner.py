@@ -10,15 +10,39 @@ is killed: nothing the agent started outlives its governance.
 from __future__ import annotations
 
 import os
+import pwd
 import sys
+
+import msgspec
 
 from leash.kernel import cgroup
 
 
+class RunAs(msgspec.Struct, frozen=True):
+    """The account CMD runs as, resolved before anything is governed (name
+    lookups read /etc/passwd, /etc/group and NSS modules)."""
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    name: str
+    home: str
+
+
+def resolve_user(spec: str) -> RunAs:
+    """A user name or uid; raises ValueError with a one-line reason."""
+    try:
+        entry = pwd.getpwuid(int(spec)) if spec.isdigit() else pwd.getpwnam(spec)
+    except (KeyError, OverflowError):
+        raise ValueError(f"no such user: {spec}") from None
+    groups = tuple(os.getgrouplist(entry.pw_name, entry.pw_gid))
+    return RunAs(entry.pw_uid, entry.pw_gid, groups, entry.pw_name, entry.pw_dir)
+
+
 class AgentRun:
-    def __init__(self, agent: str, command: list[str]) -> None:
+    def __init__(self, agent: str, command: list[str], run_as: RunAs | None = None) -> None:
         self.agent = agent
         self.command = command
+        self.run_as = run_as
         self.pid = 0
         self.cgroup_path: str | None = None
         self._go: int | None = None
@@ -33,6 +57,12 @@ class AgentRun:
             if go != b"x":
                 os._exit(125)
             try:
+                if self.run_as is not None:
+                    u = self.run_as
+                    os.setgroups(list(u.groups))
+                    os.setgid(u.gid)
+                    os.setuid(u.uid)
+                    os.environ.update(HOME=u.home, USER=u.name, LOGNAME=u.name)
                 os.execvp(self.command[0], self.command)
             except OSError as e:
                 print(f"leash: cannot run {self.command[0]}: {e.strerror}", file=sys.stderr, flush=True)

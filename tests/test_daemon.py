@@ -154,3 +154,19 @@ def test_missing_command_and_bad_policy_are_clear(tmp_path):
     assert r.returncode == 2
     assert "bad.cedar:1:" in r.stderr and "not an absolute path" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_user_drops_privileges_before_the_agent_starts(tmp_path):
+    policy = tmp_path / "policy"
+    policy.mkdir()
+    (policy / "system.cedar").write_text(SYSTEM)
+    r = subprocess.run(leash_cmd("--policy", str(policy), "--user", "nobody", "--",
+                                 "/bin/sh", "-c", 'echo "$(id -u) $(id -g) $USER"'),
+                       capture_output=True, text=True, timeout=120, env=env())
+    assert r.returncode == 0, r.stderr
+    import pwd
+    nobody = pwd.getpwnam("nobody")
+    assert r.stdout.split() == [str(nobody.pw_uid), str(nobody.pw_gid), "nobody"]
+    r = subprocess.run(leash_cmd("--policy", str(policy), "--user", "no-such-user-x", "--", "/bin/true"),
+                       capture_output=True, text=True, timeout=120, env=env())
+    assert r.returncode == 2 and "no such user: no-such-user-x" in r.stderr
