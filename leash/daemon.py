@@ -14,7 +14,7 @@ import threading
 
 import leash
 from leash.audit import AuditLog, AuditRecord, now_ns
-from leash.policy.compiler import CompileError, compile_tables
+from leash.policy.compiler import AnswerCache, CompileError, compile_tables
 from leash.policy.loader import LoadedPolicy, PolicyLoadError, load_policy_dir
 from leash.policy.tables import DecisionTables
 
@@ -62,6 +62,7 @@ class PolicyKeeper:
         self.audit = audit
         self.policy: LoadedPolicy | None = None
         self.tables: DecisionTables | None = None
+        self.answers = AnswerCache()
         self._state = _dir_state(directory)
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -71,7 +72,7 @@ class PolicyKeeper:
     def load_initial(self) -> None:
         """Raises PolicyLoadError / CompileError."""
         self.policy = load_policy_dir(self.directory)
-        self.tables = compile_tables(self.policy, self.registry.ids)
+        self.tables = compile_tables(self.policy, self.registry.ids, self.answers)
         self.registry.absorb(self.tables)
 
     def start(self) -> None:
@@ -104,7 +105,7 @@ class PolicyKeeper:
             policy = load_policy_dir(self.directory)
             if self.policy is not None and policy.fingerprint == self.policy.fingerprint:
                 return True
-            tables = compile_tables(policy, self.registry.ids)
+            tables = compile_tables(policy, self.registry.ids, self.answers)
             self.backend.update(tables)
         except (PolicyLoadError, CompileError) as e:
             for d in e.diagnostics:

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from leash.policy import requests as rq
-from leash.policy.compiler import compile_tables
+from leash.policy.compiler import AnswerCache, compile_tables
 from leash.policy.loader import PolicyLoadError, load_policy_dir
 from leash.policy.tables import CONNECT, EXEC, FILE_READ, FILE_WRITE, PROTOCOLS, TableIndex
 
@@ -162,6 +162,9 @@ def check(policy_obj, index, req, table_answer):
 
 
 EXAMPLES = int(os.environ.get("LEASH_DIFF_EXAMPLES", "300"))
+# Shared by every example, as the daemon shares one across reloads: answers
+# from earlier policy sets must never leak into a later one's tables.
+CACHE = AnswerCache()
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
@@ -170,7 +173,7 @@ EXAMPLES = int(os.environ.get("LEASH_DIFF_EXAMPLES", "300"))
 def test_tables_agree_with_cedar(texts, file_reqs, net_reqs):
     policy_obj = load(texts)
     assume(policy_obj is not None)
-    tables = compile_tables(policy_obj, {"alice": 1, "bob": 2})
+    tables = compile_tables(policy_obj, {"alice": 1, "bob": 2}, CACHE)
     index = TableIndex(tables)
     for agent, action, p, is_dir in file_reqs:
         if not is_dir:

@@ -21,9 +21,11 @@ policy can match at all, the answer is Cedar's default deny.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 from collections import defaultdict
+from functools import partial
 
 import cedarpy
 import msgspec
@@ -217,15 +219,46 @@ def _anchor_key(e: tuple[str, str]) -> tuple[str, str]:
 
 # ---------------------------------------------------------------- evaluation
 
-class _Evaluator:
-    """Collects representative requests, asks cedarpy, interns verdicts."""
+class AnswerCache:
+    """Cedar's answers, kept from one compile to the next: a reload usually
+    changes a few policies, and a class that asks the same question of the
+    same policies gets the same answer. Keys name the policies by a digest of
+    their text (which carries their id), so a changed policy is a new key."""
 
-    def __init__(self, policy: LoadedPolicy) -> None:
+    def __init__(self) -> None:
+        self._previous: dict[tuple, tuple[bool, tuple[str, ...]]] = {}
+        self._current: dict[tuple, tuple[bool, tuple[str, ...]]] = {}
+
+    def get(self, key: tuple) -> tuple[bool, tuple[str, ...]] | None:
+        answer = self._current.get(key) or self._previous.get(key)
+        if answer is not None:
+            self._current[key] = answer
+        return answer
+
+    def put(self, key: tuple, answer: tuple[bool, tuple[str, ...]]) -> None:
+        self._current[key] = answer
+
+    def rotate(self) -> None:
+        """Forget what the compile that just ended did not ask."""
+        self._previous, self._current = self._current, {}
+
+
+class _Evaluator:
+    """Collects representative requests, asks cedarpy (or the cache), interns
+    verdicts."""
+
+    def __init__(self, policy: LoadedPolicy, cache: AnswerCache) -> None:
         self.policy = policy
+        self.cache = cache
         self.templates = [s.template for s in policy.sources]
+        self.digests = [hashlib.sha256(s.text.encode()).hexdigest() for s in policy.sources]
+        self._index_of_digest = {d: i for i, d in enumerate(self.digests)}
+        # Everything besides the request that Cedar reads: the groups' graph.
+        self._config_key = hashlib.sha256(msgspec.json.encode(policy.config.groups)).hexdigest()
+        self._subset_keys: dict[tuple[int, ...], tuple[str, ...]] = {}
         self.verdicts: list[Verdict] = []
         self._verdict_ids: dict[Verdict, int] = {}
-        self._pending: dict[tuple[int, ...], list[tuple[rq.Request, list, int]]] = defaultdict(list)
+        self._pending: dict[tuple[int, ...], list[tuple[rq.Request, tuple, list, int]]] = defaultdict(list)
         self._hints: dict[tuple[int, ...], tuple[int, ...]] = {}
         self._entities: dict[str, dict] = {}
         self.deny_none = self.intern(Verdict(False, ()))
@@ -238,16 +271,28 @@ class _Evaluator:
             self.verdicts.append(v)
         return vid
 
-    def ask(self, applicable: tuple[int, ...], request: rq.Request, sink: list, slot: int,
+    def ask(self, applicable: tuple[int, ...], make: partial, sink: list, slot: int,
             hint: tuple[int, ...] | None = None) -> None:
-        """Arrange for sink[slot] to receive the verdict id. `hint`: the policy
-        subset of an enclosing class, likely contained in this one."""
+        """Arrange for sink[slot] to receive the verdict id for the request
+        `make()` builds. `hint`: the policy subset of an enclosing class,
+        likely contained in this one."""
         if not applicable:
             sink[slot] = self.deny_none
             return
+        subset_key = self._subset_keys.get(applicable)
+        if subset_key is None:
+            subset_key = self._subset_keys[applicable] = tuple(self.digests[i] for i in applicable)
+        key = (self._config_key, subset_key, make.func.__name__,
+               tuple(tuple(a) if isinstance(a, list) else a for a in make.args))
+        answer = self.cache.get(key)
+        if answer is not None:
+            allow, reasons = answer
+            sink[slot] = self.intern(Verdict(allow, tuple(sorted(self._index_of_digest[d] for d in reasons))))
+            return
+        request = make()
         for e in request.entities:
             self._entities.setdefault(json.dumps(e["uid"], sort_keys=True), e)
-        self._pending[applicable].append((request, sink, slot))
+        self._pending[applicable].append((request, key, sink, slot))
         if hint:
             self._hints.setdefault(applicable, hint)
 
@@ -267,23 +312,26 @@ class _Evaluator:
             template_links=()))
 
     def run(self) -> None:
-        base = self.policy.entities_for(rq.Request({}, {}, {}, {}, []))
-        ents = {json.dumps(e["uid"], sort_keys=True): e for e in base}
-        ents.update(self._entities)
-        handle = cedarpy.Entities.from_json_str(json.dumps(list(ents.values())))
+        if self._pending:
+            base = self.policy.entities_for(rq.Request({}, {}, {}, {}, []))
+            ents = {json.dumps(e["uid"], sort_keys=True): e for e in base}
+            ents.update(self._entities)
+            handle = cedarpy.Entities.from_json_str(json.dumps(list(ents.values())))
         index_of = {s.info.id: i for i, s in enumerate(self.policy.sources)}
         built: dict[tuple[int, ...], cedarpy.PolicySet] = {}
         for subset, items in self._pending.items():
             policy_set = built[subset] = self._policy_set(subset, built)
-            results = cedarpy.is_authorized_batch([r.cedar() for r, _, _ in items], policy_set, handle)
+            results = cedarpy.is_authorized_batch([r.cedar() for r, _, _, _ in items], policy_set, handle)
             self.cedar_requests += len(items)
-            for (_, sink, slot), res in zip(items, results):
+            for (_, key, sink, slot), res in zip(items, results):
                 # Policies added by with_added_str get positional ids; their
                 # @id annotation (every policy text carries one) is ours.
                 names = res.diagnostics.id_annotations_by_reason
                 reasons = tuple(sorted(index_of[names.get(p, p)] for p in res.diagnostics.reasons))
                 sink[slot] = self.intern(Verdict(res.allowed, reasons))
+                self.cache.put(key, (res.allowed, tuple(self.digests[i] for i in reasons)))
         self._pending.clear()
+        self.cache.rotate()
 
 
 # ---------------------------------------------------------------- classes
@@ -409,7 +457,8 @@ def _columns(policy: LoadedPolicy, ids: dict[str, int], principals: set) -> list
 class _Compilation:
     """One compile: classes, the questions for Cedar, then the table rows."""
 
-    def __init__(self, policy: LoadedPolicy, candidates: list[_Candidate], ids: dict[str, int]) -> None:
+    def __init__(self, policy: LoadedPolicy, candidates: list[_Candidate], ids: dict[str, int],
+                 cache: AnswerCache) -> None:
         self.policy = policy
         self.ids = ids
         self.by_index = {c.index: c for c in candidates}
@@ -424,7 +473,7 @@ class _Compilation:
                            frozenset({("Agent", col.name)} | {("AgentGroup", g) for g in groups}))
             for action, index in self.indexes.items():
                 self.column_ok[(ci, action)] = index.for_column(who)
-        self.ev = _Evaluator(policy)
+        self.ev = _Evaluator(policy, cache)
         self.type_sensitive = any(a.type_sensitive for a in self.atoms)
 
     def applicable(self, resource: _Subject, action: str) -> dict[int, tuple[int, ...]]:
@@ -464,7 +513,7 @@ class _Compilation:
                         col = self.columns[ci]
                         subsets[(ci, action, is_dir, ki)] = found
                         hint = subsets.get((ci, action, is_dir, parent)) or subsets.get((ci, action, False, parent))
-                        self.ev.ask(found, rq.file_request(col.name, col.groups, action, path, is_dir),
+                        self.ev.ask(found, partial(rq.file_request, col.name, col.groups, action, path, is_dir),
                                     self.path_slots[(ci, ki)], slot, hint)
 
     # ------------------------------------------------------------ network
@@ -510,7 +559,7 @@ class _Compilation:
                 for lo, hi in _port_intervals(cuts):
                     slots = [-1, -1]
                     for pi, proto in enumerate(protocols):
-                        self.ev.ask(found, rq.net_request(col.name, col.groups, host, ip, lo, proto),
+                        self.ev.ask(found, partial(rq.net_request, col.name, col.groups, host, ip, lo, proto),
                                     slots, pi, hint)
                     intervals.append((lo, hi, slots))
                 self.net_slots[(ci, ni)] = intervals
@@ -559,9 +608,11 @@ def _port_rules(net_class: int, proto: int, intervals: list[tuple[int, int, int]
     return rules
 
 
-def compile_tables(policy: LoadedPolicy, agent_ids: dict[str, int] | None = None) -> DecisionTables:
+def compile_tables(policy: LoadedPolicy, agent_ids: dict[str, int] | None = None,
+                   cache: AnswerCache | None = None) -> DecisionTables:
     """Raises CompileError naming file, line and construct for every policy the
-    partition cannot capture."""
+    partition cannot capture. `cache`: answers kept from the previous compile
+    (the daemon keeps one across reloads)."""
     diags: list[Diagnostic] = []
     candidates: list[_Candidate] = []
     for i, src in enumerate(policy.sources):
@@ -574,7 +625,7 @@ def compile_tables(policy: LoadedPolicy, agent_ids: dict[str, int] | None = None
     if diags:
         raise CompileError(diags)
     mentioned = {pid for c in candidates for kind, pid in c.atoms.principals if kind == "Agent"}
-    job = _Compilation(policy, candidates, _agent_ids(policy, agent_ids, mentioned))
+    job = _Compilation(policy, candidates, _agent_ids(policy, agent_ids, mentioned), cache or AnswerCache())
     job.ask_paths()
     job.ask_network()
     return job.tables()

@@ -471,6 +471,21 @@ def _policy_text(template) -> str:
     return text
 
 
+def _parse_whole(text: str, statements: list[Statement]) -> list | None:
+    """Every statement's policy from one parse of the file (the common, fast
+    case), or None when the file needs statement-by-statement treatment:
+    a syntax error, a template, or a statement the splitter saw differently."""
+    if not statements or not all(s.terminated for s in statements):
+        return None
+    try:
+        parsed = cedarpy.policies_to_pst(text)
+    except ValueError:
+        return None
+    if parsed.templates or len(parsed.static_policies) != len(statements):
+        return None
+    return [parsed.static_policies[f"policy{i}"] for i in range(len(statements))]
+
+
 def load_policy_dir(directory: str) -> LoadedPolicy:
     """Raises PolicyLoadError listing every problem found."""
     diags: list[Diagnostic] = []
@@ -512,22 +527,25 @@ def load_policy_dir(directory: str) -> LoadedPolicy:
         except LexError as e:
             diags.append(fc.diag(e.offset, e.message))
             continue
-        for stmt in statements:
-            src = text[stmt.start:stmt.end]
-            if not stmt.terminated:
-                off, msg = locate_syntax_error(text, stmt)
-                diags.append(fc.diag(off, msg if "end of input" not in msg else "policy does not end with `;`"))
-                continue
-            try:
-                parsed = cedarpy.policies_to_pst(src)
-            except ValueError:
-                off, msg = locate_syntax_error(text, stmt)
-                diags.append(fc.diag(off, msg))
-                continue
-            if parsed.templates:
-                diags.append(fc.diag(stmt.start, "templates (?principal / ?resource slots) are not supported"))
-                continue
-            (template,) = parsed.static_policies.values()
+        whole = _parse_whole(text, statements)
+        for n, stmt in enumerate(statements):
+            if whole is not None:
+                template = whole[n]
+            else:
+                if not stmt.terminated:
+                    off, msg = locate_syntax_error(text, stmt)
+                    diags.append(fc.diag(off, msg if "end of input" not in msg else "policy does not end with `;`"))
+                    continue
+                try:
+                    parsed = cedarpy.policies_to_pst(text[stmt.start:stmt.end])
+                except ValueError:
+                    off, msg = locate_syntax_error(text, stmt)
+                    diags.append(fc.diag(off, msg))
+                    continue
+                if parsed.templates:
+                    diags.append(fc.diag(stmt.start, "templates (?principal / ?resource slots) are not supported"))
+                    continue
+                (template,) = parsed.static_policies.values()
             pid = template.annotations.get("id") or f"{name}:{stmt.line}"
             if pid in seen_ids:
                 diags.append(fc.diag(stmt.start, f"duplicate policy id {pid!r} (first at {seen_ids[pid]})"))
