@@ -34,8 +34,12 @@ def try_call(fn, *args):
         return e.errno
 
 
+exec_children = []
+
+
 def try_exec(argv, fd=None):
-    """["errno", n] when execve failed, ["status", code] when the program ran."""
+    """["errno", n] when execve failed, ["status", code] when the program ran.
+    The execve is made by a forked child, whose pid is appended to exec_children."""
     r, w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:
@@ -48,6 +52,7 @@ def try_exec(argv, fd=None):
         except OSError as e:
             os.write(w, str(e.errno).encode())
         os._exit(127)
+    exec_children.append(pid)
     os.close(w)
     data = os.read(r, 64)
     os.close(r)
