@@ -2,9 +2,9 @@
 /*
  * File opens: FileOpenReadOnly / FileOpenReadWrite on the path the kernel
  * resolved (symlinks, relative paths and /proc/self/fd are already gone),
- * plus the guards that keep a governed agent from renaming or linking a file
- * out of its policy class, from writing cgroup files and from opening
- * leash's own files.
+ * truncate(2) as FileOpenReadWrite, plus the guards that keep a governed
+ * agent from renaming or linking a file out of its policy class, from
+ * writing cgroup files and from opening or truncating leash's own files.
  */
 #include "leash.h"
 
@@ -12,8 +12,11 @@ char LICENSE[] SEC("license") = "GPL";
 
 #define FMODE_WRITE 0x2
 #define FMODE_EXEC 0x20
+#define FMODE_CREATED 0x100000
+#define O_TRUNC 01000
 #define S_IFMT 00170000
 #define S_IFDIR 0040000
+#define S_IFREG 0100000
 #define CGROUP_SUPER_MAGIC 0x27e0eb
 #define CGROUP2_SUPER_MAGIC 0x63677270
 
@@ -69,6 +72,57 @@ static __always_inline int leash_guard(struct leash_decision *d, const struct le
 	return leash_finish(d, cfg);
 }
 
+/*
+ * An open that can change the file is a write whatever its access mode:
+ * O_TRUNC empties a regular file right after file_open (do_open() truncates
+ * once the file is open; f_flags still carries O_TRUNC here), and an open
+ * that just created its file (O_CREAT) has added it to its directory.
+ */
+static __always_inline int leash_open_writes(struct file *file, struct inode *inode)
+{
+	if (file->f_mode & (FMODE_WRITE | FMODE_CREATED))
+		return 1;
+	return (file->f_flags & O_TRUNC) && (inode->i_mode & S_IFMT) == S_IFREG;
+}
+
+/*
+ * Decide opening (write: or changing) `path` into d. Returns the reason of a
+ * guard that refuses it whatever the policy says, or 0 with d->denied set
+ * from the table and *allow the table's bits (0 on a miss).
+ */
+static __always_inline __u16 leash_file_decide(struct leash_decision *d, struct leash_scratch *s,
+					       const struct path *path, struct inode *inode, int write,
+					       __u32 *allow)
+{
+	__u64 magic = inode->i_sb->s_magic;
+	struct path_val *v;
+	__u32 want;
+
+	d->is_dir = (inode->i_mode & S_IFMT) == S_IFDIR;
+	d->action = write ? LEASH_ACT_WRITE : LEASH_ACT_READ;
+	v = leash_path_lookup(s, path, d);
+	if (write && (magic == CGROUP_SUPER_MAGIC || magic == CGROUP2_SUPER_MAGIC))
+		return LEASH_WHY_CGROUP;
+	if (d->path) {
+		s->key.owner = 0;
+		if (bpf_map_lookup_elem(&leash_protect, &s->key))
+			return LEASH_WHY_PROTECTED;
+	}
+	*allow = 0;
+	if (!v) {
+		d->denied = 1;
+		return 0;
+	}
+	d->class_id = v->class_id;
+	*allow = v->allow;
+	if (d->is_dir)
+		want = write ? ALLOW_WRITE_DIR : ALLOW_READ_DIR;
+	else
+		want = write ? ALLOW_WRITE_FILE : ALLOW_READ_FILE;
+	d->denied = !(v->allow & want);
+	return 0;
+}
+
 SEC("lsm/file_open")
 int BPF_PROG(leash_file_open, struct file *file)
 {
@@ -76,9 +130,8 @@ int BPF_PROG(leash_file_open, struct file *file)
 	struct leash_config *cfg;
 	struct leash_scratch *s;
 	struct inode *inode;
-	struct path_val *v;
-	__u32 agent, want;
-	int write;
+	__u32 agent, allow;
+	__u16 guard;
 
 	agent = leash_agent();
 	if (!agent)
@@ -93,39 +146,13 @@ int BPF_PROG(leash_file_open, struct file *file)
 	if (!cfg || !s)
 		return -EPERM;
 	inode = file->f_inode;
-	write = !!(file->f_mode & FMODE_WRITE);
 	d.agent = agent;
 	d.generation = cfg->generation;
-	d.is_dir = (inode->i_mode & S_IFMT) == S_IFDIR;
-	d.action = write ? LEASH_ACT_WRITE : LEASH_ACT_READ;
-
-	v = leash_path_lookup(s, &file->f_path, &d);
-	if (write) {
-		__u64 magic = inode->i_sb->s_magic;
-		if (magic == CGROUP_SUPER_MAGIC || magic == CGROUP2_SUPER_MAGIC)
-			return leash_guard(&d, cfg, LEASH_WHY_CGROUP, d.path);
-	}
-	if (d.path) {
-		struct path_key *pk = &s->key;
-		__u32 owner = pk->owner;
-
-		pk->owner = 0;
-		if (bpf_map_lookup_elem(&leash_protect, pk))
-			return leash_guard(&d, cfg, LEASH_WHY_PROTECTED, d.path);
-		pk->owner = owner;
-	}
-	if (!v) {
-		d.denied = 1;
-		return leash_finish(&d, cfg);
-	}
-	d.class_id = v->class_id;
-	if (d.is_dir)
-		want = write ? ALLOW_WRITE_DIR : ALLOW_READ_DIR;
-	else
-		want = write ? ALLOW_WRITE_FILE : ALLOW_READ_FILE;
-	d.denied = !(v->allow & want);
+	guard = leash_file_decide(&d, s, &file->f_path, inode, leash_open_writes(file, inode), &allow);
+	if (guard)
+		return leash_guard(&d, cfg, guard, d.path);
 	if (!d.denied && !d.is_dir &&
-	    (v->allow & (ALLOW_READ_FILE | ALLOW_WRITE_FILE)) == (ALLOW_READ_FILE | ALLOW_WRITE_FILE)) {
+	    (allow & (ALLOW_READ_FILE | ALLOW_WRITE_FILE)) == (ALLOW_READ_FILE | ALLOW_WRITE_FILE)) {
 		struct leash_mark *m = bpf_inode_storage_get(&leash_marks, inode, 0,
 							     BPF_LOCAL_STORAGE_GET_F_CREATE);
 		if (m) {
@@ -133,6 +160,40 @@ int BPF_PROG(leash_file_open, struct file *file)
 			m->generation = d.generation;
 		}
 	}
+	return leash_finish(&d, cfg);
+}
+
+/*
+ * truncate(2) changes a file without opening it. (An O_TRUNC open was judged
+ * a write by file_open, ftruncate(2) needs a descriptor opened for writing;
+ * both end here too and are judged again as the same write.) An fmod_ret
+ * program on security_path_truncate because that function is on bpf_d_path's
+ * allow list on every kernel, where lsm/path_truncate is only from 6.8; a
+ * non-zero return refuses the truncate.
+ */
+SEC("fmod_ret/security_path_truncate")
+int BPF_PROG(leash_path_truncate, const struct path *path, int ret)
+{
+	struct leash_decision d = {};
+	struct leash_config *cfg;
+	struct leash_scratch *s;
+	__u32 agent, allow;
+	__u16 guard;
+
+	if (ret)
+		return ret;
+	agent = leash_agent();
+	if (!agent)
+		return 0;
+	cfg = leash_cfg();
+	s = leash_scratch_get();
+	if (!cfg || !s)
+		return -EPERM;
+	d.agent = agent;
+	d.generation = cfg->generation;
+	guard = leash_file_decide(&d, s, path, path->dentry->d_inode, 1, &allow);
+	if (guard)
+		return leash_guard(&d, cfg, guard, d.path);
 	return leash_finish(&d, cfg);
 }
 

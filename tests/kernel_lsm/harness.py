@@ -110,6 +110,16 @@ class Records:
         with self._lock:
             return [r for r in self.items if pred(r)]
 
+    def at_least(self, n: int, pred: Callable[[AuditRecord], bool], timeout: float = 10.0) -> list[AuditRecord]:
+        """Every matching record, once there are n (records arrive asynchronously)."""
+        deadline = time.monotonic() + timeout
+        while len(found := self.matching(pred)) < n:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{len(found)} matching audit records, not {n}:\n" +
+                                     "\n".join(str(r) for r in self.items[-40:]))
+            time.sleep(0.05)
+        return found
+
 
 class Agent:
     """A worker process; governed when started inside an agent cgroup."""

@@ -67,6 +67,38 @@ def test_writes(lz, bot, other):
     assert both(bot, other, f"result = try_open('{LT}/w/secrets/new', {wr})") == (EPERM, 0)
 
 
+def test_opens_that_change_the_file_are_writes(lz, bot, other):
+    ro, policy = f"{LT}/ro/t.txt", os.path.join(lz.policy_dir, "policy.cedar")
+    with open(ro, "w") as f:
+        f.write("read only")
+    policy_text = open(policy).read()
+    # O_TRUNC empties the file whatever the access mode; truncate(2) opens nothing
+    assert bot.run(f"result = try_open('{ro}', os.O_RDONLY | os.O_TRUNC)") == EPERM
+    assert bot.run(f"result = try_call(os.truncate, '{ro}', 0)") == EPERM
+    assert open(ro).read() == "read only"
+    recs = lz.records.at_least(2, lambda r: r.resource == ro and r.pid == bot.pid)
+    assert [(r.action, r.decision) for r in recs] == [("FileOpenReadWrite", "deny")] * 2
+    # creating a file adds it to its directory (the kernel has made it before the open is judged)
+    assert bot.run(f"result = try_open('{LT}/ro/made.txt', os.O_RDONLY | os.O_CREAT)") == EPERM
+    lz.records.find(lambda r: r.resource == f"{LT}/ro/made.txt" and r.action == "FileOpenReadWrite"
+                    and r.decision == "deny")
+    # leash's own files cannot be emptied either
+    assert bot.run(f"result = try_call(os.truncate, '{policy}', 0)") == EPERM
+    assert open(policy).read() == policy_text
+    lz.records.find(lambda r: r.action == "SelfProtect" and r.resource == policy and r.pid == bot.pid)
+    # where writing is allowed, all of it works
+    w = f"{LT}/w/t.txt"
+    code = (f"open('{w}', 'w').write('x'); a = try_open('{w}', os.O_RDONLY | os.O_TRUNC);"
+            f" open('{w}', 'w').write('x'); b = try_call(os.truncate, '{w}', 0);"
+            f" result = [a, b, try_open('{LT}/w/made.txt', os.O_RDONLY | os.O_CREAT), os.path.getsize('{w}')]")
+    assert bot.run(code) == [0, 0, 0, 0]
+    # and ungoverned processes are not judged
+    code = (f"a = try_open('{ro}', os.O_RDONLY | os.O_TRUNC); open('{ro}', 'w').write('read only');"
+            f" b = try_call(os.truncate, '{ro}', 0);"
+            f" result = [a, b, try_open('{LT}/ro/made2.txt', os.O_RDONLY | os.O_CREAT), os.path.getsize('{ro}')]")
+    assert other.run(code) == [0, 0, 0, 0]
+
+
 def test_overlay_copy_up_is_not_judged_again(lz, bot):
     """/etc is an overlay in the VM with the host's /etc below: writing a
     lower-layer file copies it up through work files leash never judges."""
