@@ -59,6 +59,11 @@ int BPF_PROG(compat_attach, struct cgroup *dst, const char *path, struct task_st
 		return 0;
 	tid = task->pid;
 	bpf_map_update_elem(&compat_tids, &tid, &agent, BPF_ANY);
+	/* The kernel reports a process move for its leader only: the scope of
+	 * the whole group is what its other threads find when they exec,
+	 * wherever the process has been moved since. */
+	if (threadgroup)
+		leash_group_enters(task, agent);
 	return 0;
 }
 
@@ -80,8 +85,21 @@ int BPF_PROG(compat_exec, struct task_struct *p, pid_t old_pid, struct linux_bin
 	__u32 agent = leash_agent_of(p);
 	__u32 tid = p->pid, old = old_pid;
 
-	if (!agent)
-		return 0;
+	if (!agent) {
+		/* Threads govern() found in the cgroup are known by thread id
+		 * only: one that execs after its process was moved out takes
+		 * its scope along into the new image. */
+		__u32 *known = bpf_map_lookup_elem(&compat_tids, &old);
+		struct leash_task *t;
+
+		if (!known)
+			return 0;
+		agent = *known;
+		t = bpf_task_storage_get(&leash_task, p, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+		if (t)
+			t->agent = agent;
+		leash_group_enters(p, agent);
+	}
 	/* A non-leader thread that execs takes over the leader's id. */
 	if (old != tid)
 		bpf_map_delete_elem(&compat_tids, &old);

@@ -138,12 +138,18 @@ struct {
 } leash_cgroups SEC(".maps");
 
 /*
- * Bumped by userspace after every change to leash_cgroups, so a cached
- * "not governed" answer from before the change is recomputed.
+ * A cached "not governed" answer holds for one epoch, the sum of two
+ * counters: [0] bumped by userspace after every change to leash_cgroups,
+ * [1] by the kernel when a running process with several threads enters
+ * scope through its cgroup (leash_group_enters). Each only grows, so an
+ * answer from before either bump is recomputed.
  */
+#define LEASH_EPOCH_USER 0
+#define LEASH_EPOCH_KERNEL 1
+
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
+	__uint(max_entries, 2);
 	__type(key, __u32);
 	__type(value, __u32);
 } leash_scope_epoch SEC(".maps");
@@ -171,9 +177,11 @@ struct {
 } leash_task SEC(".maps");
 
 /*
- * tgid -> agent for every governed process, for program types that cannot
- * read task storage (the compat backend's cgroup sock_addr programs) and for
- * userspace responders. Kept by scope.bpf.c.
+ * tgid -> agent for every governed process, until its last thread exits:
+ * the scope of a thread group that outlives its leader's task storage (the
+ * leader exits first, or another thread execs and takes over its id), and
+ * for userspace (Backend.agent_of_pid: the MCP service names a client's
+ * agent by it). Kept by scope.bpf.c.
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -203,23 +211,50 @@ static __always_inline __u32 leash_cgroup_agent(void)
 /*
  * A thread with no scope of its own takes its thread group's: io_uring's
  * worker and SQPOLL threads are made by create_io_thread(), outside the
- * kernel_clone() path the fork tracepoint sits on.
+ * kernel_clone() path the fork tracepoint sits on, and a thread of a process
+ * moved into an agent's cgroup may not have asked yet. The leader's storage
+ * says, or leash_procs once the leader is gone (after a non-leader exec the
+ * exec'ing thread is the leader, and the old leader's storage went with it).
  */
-static __always_inline __u32 leash_leader_agent(struct task_struct *task)
+static __always_inline __u32 leash_group_agent(struct task_struct *task)
 {
 	struct task_struct *leader = task->group_leader;
 	struct leash_task *lt;
+	__u32 tgid = task->tgid, *a;
 
-	if (!leader || leader == task)
-		return 0;
-	lt = bpf_task_storage_get(&leash_task, leader, 0, 0);
-	return lt ? lt->agent : 0;
+	if (leader && leader != task) {
+		lt = bpf_task_storage_get(&leash_task, leader, 0, 0);
+		if (lt && lt->agent)
+			return lt->agent;
+	}
+	a = bpf_map_lookup_elem(&leash_procs, &tgid);
+	return a ? *a : 0;
 }
 
 static __always_inline __u32 leash_epoch(void)
 {
-	__u32 zero = 0, *e = bpf_map_lookup_elem(&leash_scope_epoch, &zero);
-	return e ? *e : 0;
+	__u32 user = LEASH_EPOCH_USER, kernel = LEASH_EPOCH_KERNEL;
+	__u32 *u = bpf_map_lookup_elem(&leash_scope_epoch, &user);
+	__u32 *k = bpf_map_lookup_elem(&leash_scope_epoch, &kernel);
+
+	return (u ? *u : 0) + (k ? *k : 0);
+}
+
+/*
+ * A running process enters scope as a whole (through its cgroup): list it,
+ * and if it has other threads, drop every cached "not governed" answer, for
+ * one of them may hold one from before and be moved back where it was.
+ */
+static __always_inline void leash_group_enters(struct task_struct *task, __u32 agent)
+{
+	__u32 tgid = task->tgid, kernel = LEASH_EPOCH_KERNEL, *k;
+
+	bpf_map_update_elem(&leash_procs, &tgid, &agent, BPF_ANY);
+	if (BPF_CORE_READ(task, signal, nr_threads) > 1) {
+		k = bpf_map_lookup_elem(&leash_scope_epoch, &kernel);
+		if (k)
+			__sync_fetch_and_add(k, 1);
+	}
 }
 
 /*
@@ -239,18 +274,17 @@ static __always_inline __u32 leash_agent_of(struct task_struct *task)
 	epoch = leash_epoch();
 	if (t && t->cgroup == cgroup && t->epoch == epoch)
 		return 0;
-	agent = leash_leader_agent(task);
-	if (!agent)
+	agent = leash_group_agent(task);
+	if (!agent) {
 		agent = leash_cgroup_agent();
+		if (agent)
+			leash_group_enters(task, agent);
+	}
 	t = bpf_task_storage_get(&leash_task, task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
 	if (t) {
 		t->agent = agent;
 		t->cgroup = cgroup;
 		t->epoch = epoch;
-	}
-	if (agent) {
-		__u32 tgid = bpf_get_current_pid_tgid() >> 32;
-		bpf_map_update_elem(&leash_procs, &tgid, &agent, BPF_ANY);
 	}
 	return agent;
 }

@@ -37,12 +37,20 @@ int BPF_PROG(leash_exec, struct task_struct *p, pid_t old_pid, struct linux_binp
 	return 0;
 }
 
+/*
+ * A process is gone with its last thread, not with its leader: the leader
+ * can exit first (pthread_exit, or when another thread execs and takes
+ * over its id), and the process goes on, governed, under the same id; its
+ * other threads find their scope here once the leader's storage is gone
+ * (leash_group_agent). do_exit() has counted this thread out of
+ * signal->live before the tracepoint.
+ */
 SEC("tp_btf/sched_process_exit")
 int BPF_PROG(leash_exit, struct task_struct *p)
 {
 	__u32 tgid = p->tgid;
 
-	if (p->pid == tgid)
+	if (!p->signal->live.counter)
 		bpf_map_delete_elem(&leash_procs, &tgid);
 	return 0;
 }

@@ -23,6 +23,9 @@ lsm_harness = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(lsm_harness)
 
 AGENTS = lsm_harness.AGENTS
+cgroup_of = lsm_harness.cgroup_of
+finish_thread_exec = lsm_harness.finish_thread_exec
+start_thread_exec = lsm_harness.start_thread_exec
 LT = lsm_harness.LT
 POLICY = lsm_harness.POLICY
 PYTHON = lsm_harness.PYTHON

@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-from compat_harness import LT, other_agent, running
-from leash.kernel import compat
+from compat_harness import LT, Agent, cgroup_of, finish_thread_exec, other_agent, running, start_thread_exec
+from leash.kernel import cgroup, compat
 
 EPERM, ECONNREFUSED = errno.EPERM, errno.ECONNREFUSED
 
@@ -298,6 +298,50 @@ def test_exec_from_a_thread_stays_governed(lz):
     finally:
         a.proc.kill()
     assert out.strip() == str(EPERM)
+
+
+def test_thread_exec_after_a_move_stays_governed(lz):
+    a = lz.agent()
+    try:
+        start_thread_exec(a)
+        cgroup.move_pid(os.path.dirname(os.path.dirname(lz.cgroup)), a.pid)   # from outside
+        assert finish_thread_exec(a) == (EPERM, a.pid)
+        assert lz.backend.agent_of_pid(a.pid) == 1
+    finally:
+        a.close()
+
+
+def test_thread_of_a_process_moved_in_and_out_stays_governed(lz):
+    # An administrator moves a running two-threaded process into the agent's
+    # cgroup and back where it was: the kernel reports the move for the
+    # leader only, and the second thread then execs.
+    a = other_agent()
+    try:
+        start_thread_exec(a)
+        home = cgroup_of(a.pid)
+        cgroup.move_pid(lz.cgroup, a.pid)
+        assert a.run(f"result = try_open('{LT}/w/secrets/s.txt')") == EPERM
+        cgroup.move_pid(home, a.pid)
+        assert finish_thread_exec(a) == (EPERM, a.pid)
+        assert lz.backend.agent_of_pid(a.pid) == 1
+    finally:
+        a.close()
+
+
+def test_thread_exec_of_a_process_found_in_a_newly_governed_cgroup(lz):
+    # govern() finds the process's threads in the cgroup (by thread id)
+    cg = cgroup.create_agent_cgroup("bot", f"found-{os.getpid()}-{time.monotonic_ns()}")
+    a = Agent(cg)
+    try:
+        start_thread_exec(a)
+        lz.backend.govern(1, cg)
+        assert a.run(f"result = try_open('{LT}/w/secrets/s.txt')") == EPERM
+        cgroup.move_pid(os.path.dirname(os.path.dirname(lz.cgroup)), a.pid)
+        assert finish_thread_exec(a) == (EPERM, a.pid)
+        assert lz.backend.agent_of_pid(a.pid) == 1
+    finally:
+        a.close()
+        cgroup.remove_cgroup(cg)
 
 
 def test_io_uring_worker_opens_are_governed(lz, tmp_path):

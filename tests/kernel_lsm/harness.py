@@ -187,3 +187,37 @@ def running(tmp_dir: str, mode: str = "enforce", policy: str = POLICY) -> Iterat
 def other_agent() -> Agent:
     return Agent(None)
 
+
+def cgroup_of(pid: int) -> str:
+    """The cgroup v2 directory process `pid` is in now."""
+    with open(f"/proc/{pid}/cgroup") as f:
+        rel = next(line[3:].strip() for line in f if line.startswith("0::"))
+    return os.path.join(cgroup.cgroup2_mount(), rel.lstrip("/"))
+
+
+# What a non-leader thread execs (start_thread_exec): whether the new image
+# may open the secret (its errno), its pid, then it waits for stdin to close.
+PROBE = (f"import os, sys\ntry:\n    os.close(os.open('{LT}/w/secrets/s.txt', os.O_RDONLY)); e = 0\n"
+         f"except OSError as x:\n    e = x.errno\nprint(e, os.getpid(), flush=True)\nsys.stdin.readline()")
+
+
+def start_thread_exec(agent: Agent) -> None:
+    """A second thread in the worker opens a file (so it has asked the
+    kernel about its scope), then waits for finish_thread_exec to exec PROBE."""
+    agent.run("import threading\nready, go = threading.Event(), threading.Event()\n"
+              "def _later():\n"
+              f"    try_open('{LT}/w/ok.txt')\n"
+              "    ready.set()\n"
+              "    go.wait()\n"
+              f"    os.execv('{PYTHON}', ['python3', '-c', {PROBE!r}])\n"
+              "threading.Thread(target=_later).start()\nready.wait()\nresult = 0")
+
+
+def finish_thread_exec(agent: Agent) -> tuple[int, int]:
+    """The waiting thread execs PROBE (the kernel ends every other thread):
+    the new image's errno opening the secret, and its pid."""
+    agent.send("go.set()\nimport time\ntime.sleep(60)")
+    line = agent.proc.stdout.readline().split()
+    assert len(line) == 2, f"the exec'd probe said {line!r}"
+    return int(line[0]), int(line[1])
+

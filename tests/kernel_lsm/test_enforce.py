@@ -9,8 +9,9 @@ import time
 
 import pytest
 
-from harness import LT, other_agent, running
+from harness import LT, Agent, cgroup_of, finish_thread_exec, other_agent, running, start_thread_exec
 from leash.kernel import backend as backend_mod
+from leash.kernel import cgroup
 
 EPERM, ECONNREFUSED = errno.EPERM, errno.ECONNREFUSED
 
@@ -285,6 +286,52 @@ def test_moved_to_another_cgroup_stays_governed(lz):
         assert child > 0
     finally:
         a.close()
+
+
+def test_thread_exec_after_a_move_stays_governed(lz):
+    # a non-leader thread that execs takes over the process id; the leader
+    # exits on the way (its task storage goes with it)
+    a = lz.agent()
+    try:
+        start_thread_exec(a)
+        cgroup.move_pid(os.path.dirname(os.path.dirname(lz.cgroup)), a.pid)   # from outside
+        assert finish_thread_exec(a) == (EPERM, a.pid)
+        assert lz.backend.agent_of_pid(a.pid) == 1
+    finally:
+        a.close()
+
+
+def test_thread_of_a_process_moved_in_and_out_stays_governed(lz):
+    # An administrator moves a running two-threaded process into the agent's
+    # cgroup and back where it was. Its second thread had asked about its
+    # scope there before (answered "not governed") and not since.
+    a = other_agent()
+    try:
+        start_thread_exec(a)
+        home = cgroup_of(a.pid)
+        cgroup.move_pid(lz.cgroup, a.pid)
+        assert a.run(f"result = try_open('{LT}/w/secrets/s.txt')") == EPERM
+        cgroup.move_pid(home, a.pid)
+        assert a.run(f"result = try_open('{LT}/w/secrets/s.txt')") == EPERM
+        assert finish_thread_exec(a) == (EPERM, a.pid)
+        assert lz.backend.agent_of_pid(a.pid) == 1
+    finally:
+        a.close()
+
+
+def test_thread_exec_of_a_process_found_in_a_newly_governed_cgroup(lz):
+    cg = cgroup.create_agent_cgroup("bot", f"found-{os.getpid()}-{time.monotonic_ns()}")
+    a = Agent(cg)
+    try:
+        start_thread_exec(a)
+        lz.backend.govern(1, cg)                # the process is in it already
+        assert a.run(f"result = try_open('{LT}/w/secrets/s.txt')") == EPERM
+        cgroup.move_pid(os.path.dirname(os.path.dirname(lz.cgroup)), a.pid)
+        assert finish_thread_exec(a) == (EPERM, a.pid)
+        assert lz.backend.agent_of_pid(a.pid) == 1
+    finally:
+        a.close()
+        cgroup.remove_cgroup(cg)
 
 
 def test_io_uring(lz, bot, other):
