@@ -51,15 +51,18 @@ def vm_run(tmp_path_factory) -> VmRun:
     if junit.exists():
         for case in ET.parse(junit).getroot().iter("testcase"):
             module = case.get("classname", "").replace(".", "/")
-            nodeid = f"{module}.py::{case.get('name')}"
+            # a parametrized test is reported once: passed only if every case passed
+            name, _, params = case.get("name", "").partition("[")
+            nodeid = f"{module}.py::{name}"
             outcome, detail = "passed", ""
             for kind in ("failure", "error", "skipped"):
                 el = case.find(kind)
                 if el is not None:
                     outcome = kind
-                    detail = (el.get("message") or "") + "\n" + (el.text or "")
+                    detail = (f"[{params} " if params else "") + (el.get("message") or "") + "\n" + (el.text or "")
                     break
-            outcomes[nodeid] = (outcome, detail)
+            if outcomes.get(nodeid, ("passed", ""))[0] == "passed":
+                outcomes[nodeid] = (outcome, detail)
     return VmRun(proc.returncode, proc.stdout + proc.stderr, outcomes)
 
 
