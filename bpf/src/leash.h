@@ -322,6 +322,9 @@ enum leash_reason {
 	LEASH_WHY_RENAME = 14,
 	LEASH_WHY_MPROTECT = 15,
 	LEASH_WHY_URING = 16,           /* io_uring request under other credentials */
+	LEASH_WHY_MOUNT = 17,           /* mount, move_mount, fsconfig create, pivot_root */
+	LEASH_WHY_MOUNT_NS = 18,        /* reached through a mount outside the task's namespace */
+	LEASH_WHY_CHROOT = 19,          /* chroot, setns into a mount namespace */
 };
 
 /* docs/bpf.md describes this record; leash/kernel/lsm.py decodes it. */
@@ -549,12 +552,57 @@ static __always_inline int leash_finish(const struct leash_decision *d, const st
 	return 0;
 }
 
+/*
+ * Refuse what a governed agent may not do whatever the policy says, in
+ * audit mode too; `path` (a kernel string, or NULL) names the object.
+ */
+static __always_inline int leash_refuse(__u32 agent, __u16 reason, __u32 target, const char *path)
+{
+	struct leash_decision d = {};
+	struct leash_config *cfg = leash_cfg();
+
+	if (!cfg)
+		return -EPERM;
+	d.agent = agent;
+	d.generation = cfg->generation;
+	d.action = LEASH_ACT_SELF;
+	d.reason = reason;
+	d.target = target;
+	d.path = path;
+	d.denied = 1;
+	d.always = 1;
+	return leash_finish(&d, cfg);
+}
+
 /* --------------------------------------------------------- path decisions */
 
 /*
+ * bpf_d_path names a file by walking up to the root of the mount namespace
+ * its mount belongs to. For a mount outside the current task's namespace
+ * (a detached copy from open_tree(OPEN_TREE_CLONE) or fsmount(), a tree
+ * detached by umount -l, another process's namespace reached through
+ * /proc/PID/root) that name is not the file's name here: the secrets
+ * directory cloned by open_tree reads as "/". Kernel-internal mounts
+ * (pipes, sockets, memfd: MNT_NS_INTERNAL, an error pointer) are left to
+ * the other rules.
+ */
+static __always_inline int leash_foreign_mount(const struct path *path)
+{
+	struct mount *m = container_of(path->mnt, struct mount, mnt);
+	struct mnt_namespace *ns = BPF_CORE_READ(m, mnt_ns);
+	struct task_struct *task = bpf_get_current_task_btf();
+
+	if ((unsigned long)ns >= (unsigned long)-4095)
+		return 0;
+	return ns != task->nsproxy->mnt_ns;
+}
+
+/*
  * Resolve `path` with bpf_d_path into the scratch key and look it up for the
- * current generation. Returns the table value, or NULL with d->reason set.
- * Used by hooks whose kernel function is on bpf_d_path's allow list.
+ * current generation. Returns the table value, or NULL with d->reason set
+ * (a file on a mount outside the task's namespace included: its name is
+ * not to be trusted). Used by hooks whose kernel function is on
+ * bpf_d_path's allow list.
  */
 static __always_inline struct path_val *leash_path_lookup(struct leash_scratch *s, const struct path *path,
 							  struct leash_decision *d)
@@ -581,10 +629,14 @@ static __always_inline struct path_val *leash_path_lookup(struct leash_scratch *
 	}
 	s->key.prefixlen = 32 + 8 * LEASH_PATH_BYTES;
 	s->key.owner = leash_owner(d->generation, d->agent);
+	d->path = s->buf;
+	if (leash_foreign_mount(path)) {
+		d->reason = LEASH_WHY_MOUNT_NS;
+		return NULL;
+	}
 	v = bpf_map_lookup_elem(&leash_paths, &s->key);
 	if (!v)
 		d->reason = LEASH_WHY_TABLE_MISS;
-	d->path = s->buf;
 	return v;
 }
 

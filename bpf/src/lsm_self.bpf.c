@@ -5,28 +5,11 @@
  * bpf(), nor trace or signal the leash daemon, nor run io_uring requests
  * under other credentials (leash tells a filesystem's own credential
  * overrides from the task's by that). Cgroup writes and leash's own files
- * are guarded in lsm_file.bpf.c.
+ * are guarded in lsm_file.bpf.c, mounts in lsm_mount.bpf.c.
  */
 #include "leash.h"
 
 char LICENSE[] SEC("license") = "GPL";
-
-static __always_inline int leash_refuse(__u32 agent, __u16 reason, __u32 target)
-{
-	struct leash_decision d = {};
-	struct leash_config *cfg = leash_cfg();
-
-	if (!cfg)
-		return -EPERM;
-	d.agent = agent;
-	d.generation = cfg->generation;
-	d.action = LEASH_ACT_SELF;
-	d.reason = reason;
-	d.target = target;
-	d.denied = 1;
-	d.always = 1;
-	return leash_finish(&d, cfg);
-}
 
 static __always_inline int leash_is_daemon(struct task_struct *p)
 {
@@ -39,7 +22,7 @@ int BPF_PROG(leash_bpf, int cmd, union bpf_attr *attr, unsigned int size)
 {
 	__u32 agent = leash_agent();
 
-	return agent ? leash_refuse(agent, LEASH_WHY_BPF, cmd) : 0;
+	return agent ? leash_refuse(agent, LEASH_WHY_BPF, cmd, NULL) : 0;
 }
 
 SEC("lsm/ptrace_access_check")
@@ -49,7 +32,7 @@ int BPF_PROG(leash_ptrace, struct task_struct *child, unsigned int mode)
 
 	if (!agent || !leash_is_daemon(child))
 		return 0;
-	return leash_refuse(agent, LEASH_WHY_PTRACE, child->tgid);
+	return leash_refuse(agent, LEASH_WHY_PTRACE, child->tgid, NULL);
 }
 
 SEC("lsm/task_kill")
@@ -63,7 +46,7 @@ int BPF_PROG(leash_task_kill, struct task_struct *p, struct kernel_siginfo *info
 	agent = leash_agent();
 	if (!agent || !leash_is_daemon(p))
 		return 0;
-	return leash_refuse(agent, LEASH_WHY_SIGNAL, p->tgid);
+	return leash_refuse(agent, LEASH_WHY_SIGNAL, p->tgid, NULL);
 }
 
 SEC("lsm/uring_override_creds")
@@ -71,5 +54,5 @@ int BPF_PROG(leash_uring_override_creds, const struct cred *new)
 {
 	__u32 agent = leash_agent();
 
-	return agent ? leash_refuse(agent, LEASH_WHY_URING, 0) : 0;
+	return agent ? leash_refuse(agent, LEASH_WHY_URING, 0, NULL) : 0;
 }

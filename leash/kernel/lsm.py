@@ -58,6 +58,10 @@ REASONS = {
     14: "rename of a file the agent may not both read and write (or of a directory)",
     15: "making a file mapping executable under a directly run ELF interpreter",
     16: "governed agents may not run io_uring requests under other credentials",
+    17: "governed agents may not mount (mount, move_mount, fsmount, pivot_root)",
+    18: "reached through a mount outside the process's mount namespace (detached, or another "
+        "namespace's): its path there is not its name",
+    19: "governed agents may not change their root or mount namespace (chroot, setns)",
 }
 STATS = {0: "deny", 1: "allow", 2: "audit"}
 PROTOCOLS = {tbl.PROTO_TCP: "tcp", tbl.PROTO_UDP: "udp"}

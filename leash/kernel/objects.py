@@ -11,7 +11,7 @@ from __future__ import annotations
 from importlib import resources
 
 SCOPE = "scope"                                   # tp_btf fork/exec/exit: both backends
-LSM = ("lsm_file", "lsm_exec", "lsm_net", "lsm_self")
+LSM = ("lsm_file", "lsm_exec", "lsm_net", "lsm_self", "lsm_mount")
 
 
 def load_bytes(name: str) -> bytes:

@@ -39,6 +39,7 @@ def test_audit_mode_records_without_refusing(tmp_path):
         assert bot.run("result = try_bpf()") == EPERM
         assert bot.run(f"result = try_open('{policy_file}')") == EPERM
         assert bot.run(f"result = try_call(os.kill, {os.getpid()}, signal.SIGTERM)") == EPERM
+        assert bot.run(f"result = in_child(lambda: try_call(os.chroot, '{LT}/w'))") == EPERM
         rec = lz.records.find(lambda r: r.action == "SelfProtect" and r.resource == policy_file)
         assert rec.mode == "enforce" and rec.decision == "deny"
 
