@@ -12,9 +12,9 @@
     liveness  a watchdog process (compat_watchdog.py)
 
 The tables, their two generations, the ring buffer and its records are the
-lsm backend's machinery, inherited; what differs is what is loaded, where it
-is attached, and the responder process. docs/compat.md says precisely what
-this backend cannot do.
+shared BpfSession's (session.py), as for lsm; what differs is what is loaded,
+where it is attached, and the responder process. docs/compat.md says
+precisely what this backend cannot do.
 """
 
 from __future__ import annotations
@@ -35,10 +35,9 @@ from leash.audit import AuditRecord, now_ns
 from leash.kernel import cgroup, compat_watchdog, libbpf, objects
 from leash.kernel import compat_responder as cr
 from leash.kernel import fanotify as fan
-from leash.kernel.lsm import PIN_ROOT, LsmBackend, default_protected, mount_bpffs, remove_stale_pins
+from leash.kernel.session import PIN_ROOT, BpfSession, default_protected, open_objects
 from leash.policy.tables import DecisionTables
 
-COMPAT_OBJECTS = ("compat_tasks", "compat_net", "compat_mounts")
 TRACEFS = "/sys/kernel/tracing"
 # compat.h's reasons beyond leash.h's
 COMPAT_REASONS = {
@@ -84,7 +83,7 @@ def threads_in(cgroup_path: str) -> list[int]:
     return out
 
 
-class CompatBackend(LsmBackend):
+class CompatBackend:
     name = "compat"
 
     def __init__(self, protected_paths: Iterable[str] = (), pin_root: str | None = PIN_ROOT,
@@ -95,10 +94,10 @@ class CompatBackend(LsmBackend):
         Ungoverned processes then pay nothing for it, and governed opens of
         it are no longer recorded (docs/compat.md). `fault`: a test seam
         passed to the responder (compat_responder._inject)."""
-        super().__init__((), pin_root)
         # No leash_protect map here: leash's own files are guarded by the
         # responder instead.
-        self.protected = []
+        self.session = BpfSession(self.name, (objects.SCOPE, *objects.COMPAT), pin_root,
+                                  attach=self._attach, reasons=COMPAT_REASONS)
         self.file_protected = [os.path.realpath(p) for p in (*default_protected(), *protected_paths)]
         self.cache_allows = cache_allows
         self.watchdog_stall_s = watchdog_stall_s
@@ -138,7 +137,9 @@ class CompatBackend(LsmBackend):
                                           daemon=True)
         self._recorder.start()
         try:
-            super().start(tables, mode, self._submit_from_ring)
+            mount_tracefs()
+            self.session.load(tables, mode)
+            self.session.attach(self._submit_from_ring)
             self._start_watchdog()
             self._start_responder(tables, mode)
         except BaseException:
@@ -148,14 +149,14 @@ class CompatBackend(LsmBackend):
     def _start_watchdog(self) -> None:
         """Before any mark: the watchdog must exist before anything can hang
         on us. It is told the responder's pid once there is one."""
-        tids_fd = self._maps["compat_tids"].fd
+        tids_fd = self.session.map("compat_tids").fd
         self.watchdog = subprocess.Popen(
             [sys.executable, "-I", "-S", compat_watchdog.__file__, str(os.getpid()),
              str(self.watchdog_stall_s), str(tids_fd)],
             stdin=subprocess.PIPE, pass_fds=(tids_fd,), cwd="/")
 
     def _start_responder(self, tables: DecisionTables, mode: str) -> None:
-        fds = {name: self._maps[name].fd for name in ("compat_tids", "compat_gone", "compat_fs")}
+        fds = {name: self.session.map(name).fd for name in ("compat_tids", "compat_gone", "compat_fs")}
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         self.responder = subprocess.Popen(
             [sys.executable, "-m", "leash.kernel.compat_responder"], stdin=subprocess.PIPE,
@@ -178,12 +179,12 @@ class CompatBackend(LsmBackend):
         self._heart.start()
 
     def update(self, tables: DecisionTables) -> None:
-        """Files switch a moment before the kernel tables (which the inherited
-        update fills, flips, and retires); each decision sees one policy."""
-        old = self._tables.get(self._generation)
+        """Files switch a moment before the kernel tables (which the session
+        fills, flips, and retires); each decision sees one policy."""
+        old = self.session.tables
         self._swap_files(tables)
         try:
-            super().update(tables)
+            self.session.update(tables)
         except BaseException:
             if old is not None:
                 self._swap_files(old)
@@ -196,10 +197,10 @@ class CompatBackend(LsmBackend):
             raise RuntimeError(f"the file responder did not take the new policy ({reply})")
 
     def govern(self, agent_id: int, cgroup_path: str) -> None:
-        super().govern(agent_id, cgroup_path)
+        self.session.govern(agent_id, cgroup_path)
         # Threads already inside: everything started later is caught by
         # compat_tasks (task creation, exec, cgroup attach).
-        tids = self._maps["compat_tids"]
+        tids = self.session.map("compat_tids")
         for tid in threads_in(cgroup_path):
             tids.update(struct.pack("<I", tid), struct.pack("<I", agent_id))
         self._tell_watchdog(b"c " + os.fsencode(cgroup_path) + b"\n")
@@ -232,7 +233,7 @@ class CompatBackend(LsmBackend):
             self.watchdog.stdin.close()
             self.watchdog.wait(timeout=10)
             self.watchdog = None
-        super().stop()
+        self.session.stop()
         if self._cgroup_fd >= 0:
             os.close(self._cgroup_fd)
             self._cgroup_fd = -1
@@ -298,8 +299,7 @@ class CompatBackend(LsmBackend):
         if self._closing:
             return
         self._closing = True
-        tids = self._maps.get("compat_tids")
-        for key in tids.keys() if tids is not None else ():
+        for key in self.session.map("compat_tids").keys() if self.session.loaded else ():
             try:
                 os.kill(struct.unpack("<I", key)[0], signal.SIGKILL)
             except OSError:
@@ -327,46 +327,15 @@ class CompatBackend(LsmBackend):
             if time.monotonic() - self._last_alive < RESPONDER_SILENT_S:
                 self._tell_watchdog(b"\0")
 
-    # ---------------------------------------------------- loading, attaching
+    # ------------------------------------------------------------ attaching
 
-    def _load(self, sizes: dict[str, int]) -> None:
-        for name in (objects.SCOPE, *COMPAT_OBJECTS):
-            obj = libbpf.Object(objects.load_bytes(name), name)
-            self._objects.append(obj)
-            for map_name, m in obj.maps.items():
-                if map_name in self._maps:
-                    m.reuse_fd(self._maps[map_name].fd)
-                elif map_name in sizes:
-                    m.set_max_entries(sizes[map_name])
-            obj.load()
-            for map_name, m in obj.maps.items():
-                self._maps.setdefault(map_name, m)
-
-    def _attach(self) -> None:
-        """tp_btf programs attach to their tracepoints; the sock_addr ones to
-        the hierarchy's root, so scope (per thread) decides, not cgroup."""
-        mount_tracefs()
-        if self.pin_root:
-            mount_bpffs()
-            remove_stale_pins(self.pin_root)
-            self.pin_dir = os.path.join(self.pin_root, str(os.getpid()))
-            os.makedirs(self.pin_dir, exist_ok=True)
-        for obj in self._objects:
-            for prog in obj.programs.values():
-                if obj.name == "compat_net":
-                    link = prog.attach_cgroup(self._cgroup_fd)
-                else:
-                    link = prog.attach()
-                self._links.append(link)
-                if self.pin_dir:
-                    link.pin(os.path.join(self.pin_dir, prog.name))
-
-    def _record(self, f: tuple) -> AuditRecord:
-        rec = super()._record(f)
-        reason = f[11]
-        if reason in COMPAT_REASONS:
-            rec.reason = COMPAT_REASONS[reason]
-        return rec
+    def _attach(self, obj_name: str, prog: libbpf.Program) -> libbpf.Link:
+        """tp_btf and syscall tracepoint programs attach where their sections
+        say; the sock_addr ones to the hierarchy's root, so scope (per
+        thread) decides, not cgroup."""
+        if obj_name == "compat_net":
+            return prog.attach_cgroup(self._cgroup_fd)
+        return prog.attach()
 
     # ------------------------------------------------------------ records
 
@@ -395,7 +364,7 @@ class CompatBackend(LsmBackend):
 
     def _wait_backlog(self) -> None:
         with self._drained:
-            while self._backlog >= self.backlog_limit and not self._stopping.is_set():
+            while self._backlog >= self.backlog_limit and not self._closing:
                 self._drained.wait(0.1)
 
     def _submit_from_ring(self, rec: AuditRecord) -> None:
@@ -422,12 +391,17 @@ class CompatBackend(LsmBackend):
 
     def _internal(self, reason: str, decision: str = "allow") -> None:
         self._submit(AuditRecord(time_ns=now_ns(), agent="", action="Internal", resource="compat",
-                                 decision=decision, mode=self._mode, reason=reason))
+                                 decision=decision, mode=self.session.mode, reason=reason))
 
     # ------------------------------------------------------------- queries
 
+    def lost(self) -> dict[str, int]:
+        """Records the kernel could not hand over, by kind (deny/allow/audit)."""
+        return self.session.lost()
+
     def agent_of_pid(self, pid: int) -> int:
-        v = self._maps["compat_tids"].lookup(struct.pack("<I", pid))
+        """The agent a thread is governed as (0: none), from compat_tids."""
+        v = self.session.map("compat_tids").lookup(struct.pack("<I", pid))
         return struct.unpack("<I", v)[0] if v else 0
 
 
@@ -458,22 +432,10 @@ def probe_compat() -> list[ProbeResult]:
 
 def _probe_bpf(mount: str | None) -> list[ProbeResult]:
     out: list[ProbeResult] = []
-    loaded: list[libbpf.Object] = []
-    shared: dict[str, int] = {}
     try:
-        for name in (objects.SCOPE, *COMPAT_OBJECTS):
-            obj = libbpf.Object(objects.load_bytes(name), name)
-            loaded.append(obj)
-            for map_name, m in obj.maps.items():
-                if map_name in shared:
-                    m.reuse_fd(shared[map_name])
-            obj.load()
-            for map_name, m in obj.maps.items():
-                shared.setdefault(map_name, m.fd)
+        loaded, maps = open_objects((objects.SCOPE, *objects.COMPAT))
     except (libbpf.LibbpfMissing, FileNotFoundError, libbpf.BpfError) as e:
         out.append(ProbeResult("tp_btf programs", False, f"loading the compat objects failed: {e}"))
-        for obj in loaded:
-            obj.close()
         return out
     try:
         for obj in loaded:
@@ -485,7 +447,7 @@ def _probe_bpf(mount: str | None) -> list[ProbeResult]:
     except libbpf.BpfError as e:
         out.append(ProbeResult("tp_btf programs", False, str(e)))
     try:
-        rb = libbpf.RingBuffer(shared["leash_events"], lambda _data: None)
+        rb = libbpf.RingBuffer(maps["leash_events"].fd, lambda _data: None)
         rb.free()
         out.append(ProbeResult("ring buffer", True, "BPF ring buffer consumer works"))
     except libbpf.BpfError as e:

@@ -1,107 +1,21 @@
-"""The BPF LSM backend: loads the objects of bpf/src, keeps the decision
-tables in their maps (two generations, swapped atomically), marks agent
-cgroups, and turns ring-buffer events into AuditRecords.
+"""The BPF LSM backend: the objects of bpf/src that refuse in the kernel
+(lsm_*.bpf.c, with scope.bpf.c), attached where their sections say, and
+leash's own files written into leash_protect before anything is attached.
+The tables, their generations, the ring buffer and its records are the
+shared BpfSession's (session.py).
 
-docs/bpf.md describes the maps and the event record decoded here.
+docs/bpf.md describes the objects, maps and events.
 """
 
 from __future__ import annotations
 
-import errno
-import ipaddress
 import os
-import shutil
 import struct
-import subprocess
-import threading
-import time
-from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
-from leash import audit
-from leash.kernel import libbpf, objects
+from leash.kernel import objects
+from leash.kernel.session import PIN_ROOT, BpfSession, Sink, default_protected
 from leash.policy import tables as tbl
-
-Sink = Callable[[audit.AuditRecord], None]
-
-PIN_ROOT = "/sys/fs/bpf/leash"
-SWAP_GRACE_S = 1.0          # docs/tables.md: hooks that read the old generation are done by then
-POLL_MS = 100
-STATS_EVERY_S = 1.0
-
-# Per-generation capacity of each table when the policy is small; a larger
-# policy gets room for two copies of itself, up to the hard limit.
-DEFAULT_CAPACITY = {"leash_paths": 32768, "leash_addrs": 8192, "leash_ports": 32768}
-HARD_LIMIT = {"leash_paths": 1 << 20, "leash_addrs": 1 << 18, "leash_ports": 1 << 20}
-
-EVENT = struct.Struct("<Q9I2H6BH16s16s256s")
-DEDUP_KEY = struct.Struct("<3IH4BH16s256s")
-DEDUP_VAL = struct.Struct("<QII")
-CONFIG = struct.Struct("<4I")
-
-ACTIONS = {1: tbl.FILE_READ, 2: tbl.FILE_WRITE, 3: tbl.EXEC, 4: tbl.CONNECT, 5: "SelfProtect"}
-REASONS = {
-    0: "",
-    1: "the kernel could not resolve the path (too long or unreachable)",
-    2: "the file has no absolute path (pipe, socket or other pseudo file)",
-    3: "no table entry matched (incomplete tables)",
-    4: "address family not covered by policy",
-    5: "transport not covered by policy (only TCP and UDP are)",
-    6: "executing a file with no name (memfd or deleted file)",
-    7: "executable mapping by a directly run ELF interpreter",
-    8: "governed agents may not use bpf()",
-    9: "governed agents may not trace the leash daemon",
-    10: "governed agents may not signal the leash daemon",
-    11: "governed agents may not write cgroup files",
-    12: "leash's own files",
-    13: "hard link to a file the agent may not both read and write",
-    14: "rename of a file the agent may not both read and write (or of a directory)",
-    15: "making a file mapping executable under a directly run ELF interpreter",
-    16: "governed agents may not run io_uring requests under other credentials",
-    17: "governed agents may not mount (mount, move_mount, fsmount, pivot_root)",
-    18: "reached through a mount outside the process's mount namespace (detached, or another "
-        "namespace's): its path there is not its name",
-    19: "governed agents may not change their root or mount namespace (chroot, setns)",
-}
-STATS = {0: "deny", 1: "allow", 2: "audit"}
-PROTOCOLS = {tbl.PROTO_TCP: "tcp", tbl.PROTO_UDP: "udp"}
-
-
-class TablesTooLarge(ValueError):
-    """The compiled tables cannot fit the kernel maps; nothing was changed."""
-
-
-def _boot_offset_ns() -> int:
-    """Wall clock minus CLOCK_BOOTTIME: event times are boot-relative."""
-    return time.time_ns() - time.clock_gettime_ns(time.CLOCK_BOOTTIME)
-
-
-def mount_bpffs() -> None:
-    if not os.path.ismount("/sys/fs/bpf"):
-        subprocess.run(["mount", "-t", "bpf", "bpf", "/sys/fs/bpf"], check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
-def remove_stale_pins(root: str = PIN_ROOT) -> list[int]:
-    """Unpin (and so detach) what a daemon killed with SIGKILL left enforced.
-    Returns the dead daemons' pids."""
-    gone = []
-    if os.path.isdir(root):
-        for name in os.listdir(root):
-            if name.isdigit() and not _pid_alive(int(name)):
-                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-                gone.append(int(name))
-    return gone
 
 
 def _protect_key(path: str) -> bytes:
@@ -117,288 +31,38 @@ def _protect_key(path: str) -> bytes:
     return struct.pack("<I", 32 + 8 * len(data)) + b"\0\0\0\0" + data.ljust(tbl.PATH_DATA_BYTES, b"\0")
 
 
-def default_protected() -> list[str]:
-    """The package itself and leash's pins, protected in every run."""
-    return [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "/sys/fs/bpf"]
-
-
-def _count(entries: Iterable[tbl.KernelEntry]) -> Counter[str]:
-    return Counter(e.map_name for e in entries)
-
-
 class LsmBackend:
     name = "lsm"
 
     def __init__(self, protected_paths: Iterable[str] = (), pin_root: str | None = PIN_ROOT) -> None:
         self.protected = [*default_protected(), *protected_paths]
-        self.pin_root = pin_root
-        self._objects: list[libbpf.Object] = []
-        self._links: list[libbpf.Link] = []
-        self._maps: dict[str, libbpf.Map] = {}
-        self._tables: dict[int, tbl.DecisionTables] = {}
-        self._names: dict[int, dict[int, str]] = {}
-        self._written: dict[int, list[tbl.KernelEntry]] = {}
-        self._generation = 0
-        self._mode = "enforce"
-        self._sink: Sink | None = None
-        self._ring: libbpf.RingBuffer | None = None
-        self._poller: threading.Thread | None = None
-        self._stopping = threading.Event()
-        self._update_lock = threading.Lock()
-        self._epoch = 0
-        self._lost_seen = [0] * len(STATS)
-        self._boot_offset = _boot_offset_ns()
-        self.pin_dir: str | None = None
-
-    # ----------------------------------------------------------- lifecycle
+        self.session = BpfSession(self.name, (objects.SCOPE, *objects.LSM), pin_root)
 
     def start(self, tables: tbl.DecisionTables, mode: str, sink: Sink) -> None:
-        if mode not in ("enforce", "audit"):
-            raise ValueError(f"mode must be enforce or audit, not {mode!r}")
-        entries = tbl.kernel_entries(tables, 0)
-        sizes = self._capacity(_count(entries))
-        self._mode, self._sink = mode, sink
         try:
-            self._load(sizes)
-            self._write_config(0)
+            self.session.load(tables, mode)
+            protect = self.session.map("leash_protect")
             for path in self.protected:
-                self._maps["leash_protect"].update(_protect_key(path), struct.pack("<I", 1))
-            self._write_entries(entries)
-            self._written[0] = entries
-            self._tables[0] = tables
-            self._names[0] = {v: k for k, v in tables.agents.items()}
-            self._ring = libbpf.RingBuffer(self._maps["leash_events"].fd, self._on_event)
-            self._attach()
+                protect.update(_protect_key(path), struct.pack("<I", 1))
+            self.session.attach(sink)
         except BaseException:
-            self._teardown()
+            self.session.stop()
             raise
-        self._poller = threading.Thread(target=self._poll_loop, name="leash-lsm-events", daemon=True)
-        self._poller.start()
 
     def update(self, tables: tbl.DecisionTables) -> None:
-        """Fill the inactive generation, flip, wait, retire the old one. On any
-        error the active generation is untouched."""
-        with self._update_lock:
-            old, new = self._generation, 1 - self._generation
-            entries = tbl.kernel_entries(tables, new)
-            need, have = _count(entries), _count(self._written.get(old, []))
-            for name, n in need.items():
-                room = self._maps[name].max_entries - have[name]
-                if n > room:
-                    raise TablesTooLarge(f"{name}: the new policy needs {n} entries, {room} are free "
-                                         f"beside the active one (restart leash to resize)")
-            try:
-                self._write_entries(entries)
-            except BaseException:
-                self._delete_entries(entries)
-                raise
-            self._written[new] = entries
-            self._tables[new] = tables
-            self._names[new] = {v: k for k, v in tables.agents.items()}
-            self._write_config(new)
-            self._generation = new
-            time.sleep(SWAP_GRACE_S)
-            self._delete_entries(self._written.pop(old, []))
+        self.session.update(tables)
 
     def govern(self, agent_id: int, cgroup_path: str) -> None:
-        if agent_id <= 0:
-            raise ValueError("agent ids start at 1")
-        cgroup_id = os.stat(cgroup_path).st_ino
-        self._maps["leash_cgroups"].update(struct.pack("<Q", cgroup_id), struct.pack("<I", agent_id))
-        self._epoch += 1
-        self._maps["leash_scope_epoch"].update(struct.pack("<I", 0), struct.pack("<I", self._epoch))
+        self.session.govern(agent_id, cgroup_path)
 
     def stop(self) -> None:
-        self._stopping.set()
-        if self._poller is not None:
-            self._poller.join()
-            self._poller = None
-        if self._ring is not None:
-            self._ring.consume()
-            self._check_lost()
-            self._flush_dedup()
-        self._teardown()
-
-    # ------------------------------------------------------------- queries
+        self.session.stop()
 
     def lost(self) -> dict[str, int]:
         """Records the kernel could not hand over, by kind (deny/allow/audit)."""
-        stats = self._maps["leash_stats"]
-        return {kind: struct.unpack("<Q", stats.lookup(struct.pack("<I", i)) or b"\0" * 8)[0]
-                for i, kind in STATS.items()}
+        return self.session.lost()
 
     def agent_of_pid(self, pid: int) -> int:
         """The agent a process is governed as (0: none), from the scope map."""
-        v = self._maps["leash_procs"].lookup(struct.pack("<I", pid))
+        v = self.session.map("leash_procs").lookup(struct.pack("<I", pid))
         return struct.unpack("<I", v)[0] if v else 0
-
-    # ------------------------------------------------------------- loading
-
-    def _capacity(self, need: Counter[str]) -> dict[str, int]:
-        sizes = {}
-        for name, default in DEFAULT_CAPACITY.items():
-            size = 2 * max(default, need[name])
-            if size > HARD_LIMIT[name]:
-                raise TablesTooLarge(f"{name}: the policy compiles to {need[name]} entries; the kernel "
-                                     f"table holds at most {HARD_LIMIT[name] // 2} per generation")
-            sizes[name] = size
-        return sizes
-
-    def _load(self, sizes: dict[str, int]) -> None:
-        for name in (objects.SCOPE, *objects.LSM):
-            obj = libbpf.Object(objects.load_bytes(name), name)
-            self._objects.append(obj)
-            for map_name, m in obj.maps.items():
-                if map_name in self._maps:
-                    m.reuse_fd(self._maps[map_name].fd)
-                elif map_name in sizes:
-                    m.set_max_entries(sizes[map_name])
-            obj.load()
-            for map_name, m in obj.maps.items():
-                self._maps.setdefault(map_name, m)
-
-    def _attach(self) -> None:
-        if self.pin_root:
-            mount_bpffs()
-            remove_stale_pins(self.pin_root)
-            self.pin_dir = os.path.join(self.pin_root, str(os.getpid()))
-            os.makedirs(self.pin_dir, exist_ok=True)
-        for obj in self._objects:
-            for prog in obj.programs.values():
-                link = prog.attach()
-                self._links.append(link)
-                if self.pin_dir:
-                    link.pin(os.path.join(self.pin_dir, prog.name))
-
-    def _teardown(self) -> None:
-        for link in reversed(self._links):
-            link.destroy()
-        self._links.clear()
-        if self.pin_dir:
-            shutil.rmtree(self.pin_dir, ignore_errors=True)
-            self.pin_dir = None
-        if self._ring is not None:
-            self._ring.free()
-            self._ring = None
-        for obj in self._objects:
-            obj.close()
-        self._objects.clear()
-        self._maps.clear()
-
-    def _write_config(self, generation: int) -> None:
-        mode = 1 if self._mode == "audit" else 0
-        self._maps["leash_config"].update(struct.pack("<I", 0),
-                                          CONFIG.pack(generation, mode, os.getpid(), 0))
-
-    def _write_entries(self, entries: list[tbl.KernelEntry]) -> None:
-        for e in entries:
-            self._maps[e.map_name].update(e.key, e.value)
-
-    def _delete_entries(self, entries: list[tbl.KernelEntry]) -> None:
-        for e in entries:
-            try:
-                self._maps[e.map_name].delete(e.key)
-            except OSError as err:
-                if err.errno != errno.ENOENT:
-                    raise
-
-    # -------------------------------------------------------------- events
-
-    def _poll_loop(self) -> None:
-        last_stats = time.monotonic()
-        while not self._stopping.is_set():
-            self._ring.poll(POLL_MS)
-            if time.monotonic() - last_stats >= STATS_EVERY_S:
-                self._check_lost()
-                last_stats = time.monotonic()
-
-    def _on_event(self, data: bytes) -> None:
-        try:
-            rec = self._record(EVENT.unpack_from(data))
-        except (struct.error, ValueError, KeyError) as e:
-            rec = audit.AuditRecord(time_ns=audit.now_ns(), agent="", action="Internal",
-                                    resource="ring buffer", decision="deny", backend="lsm",
-                                    mode=self._mode, reason=f"undecodable kernel event: {e}")
-        self._sink(rec)
-
-    def _record(self, f: tuple) -> audit.AuditRecord:
-        (ktime, tgid, _pid, ppid, uid, agent, generation, class_id, count, target, action, reason,
-         denied, enforced, is_dir, family, proto, truncated, port, addr, comm, path) = f
-        tables = self._tables.get(generation)
-        action_name = ACTIONS.get(action, f"action-{action}")
-        details: dict[str, object] = {}
-        if action == 4:
-            resource = _host(family, addr, port)
-            details["protocol"] = PROTOCOLS.get(proto, str(proto))
-        else:
-            resource = path.split(b"\0", 1)[0].decode(errors="replace")
-            if is_dir and resource and not resource.endswith("/") and action != 5:
-                resource += "/"
-            if truncated:
-                resource += "..."
-        if target:
-            details["target"] = target
-        policies: list[str] = []
-        if reason == 0 and tables is not None and action != 5:
-            policies = self._policy_ids(tables, action_name, class_id, bool(is_dir))
-        return audit.AuditRecord(
-            time_ns=self._boot_offset + ktime,
-            agent=self._names.get(generation, {}).get(agent, f"agent-{agent}"),
-            action=action_name, resource=resource,
-            decision="deny" if denied else "allow", policies=policies, backend="lsm",
-            mode="enforce" if enforced else self._mode, pid=tgid, ppid=ppid, uid=uid,
-            exe=_exe(tgid, comm), count=count, reason=REASONS.get(reason, f"reason {reason}"),
-            details=details)
-
-    @staticmethod
-    def _policy_ids(tables: tbl.DecisionTables, action: str, class_id: int, is_dir: bool) -> list[str]:
-        try:
-            if action == tbl.CONNECT:
-                return tables.policy_ids(class_id)
-            verdict = tables.path_classes[class_id].verdict_for(action, is_dir)
-            return tables.policy_ids(verdict) if verdict >= 0 else []
-        except IndexError:
-            return []
-
-    def _check_lost(self) -> None:
-        for i, (kind, n) in enumerate(self.lost().items()):
-            new = n - self._lost_seen[i]
-            if new > 0:
-                self._lost_seen[i] = n
-                what = {"deny": "refused operations whose records were lost",
-                        "allow": "operations refused because they could not be recorded",
-                        "audit": "audit-mode records lost"}[kind]
-                self._sink(audit.AuditRecord(
-                    time_ns=audit.now_ns(), agent="", action="Internal", resource="ring buffer",
-                    decision="allow" if kind == "audit" else "deny", backend="lsm", mode=self._mode,
-                    count=new, reason=f"{new} {what} (ring buffer full)"))
-
-    def _flush_dedup(self) -> None:
-        """Identical allows folded in the kernel and not yet reported."""
-        dedup = self._maps["leash_dedup"]
-        for key in dedup.keys():
-            val = dedup.lookup(key)
-            if val is None:
-                continue
-            _emitted, suppressed, generation = DEDUP_VAL.unpack(val)
-            if not suppressed:
-                continue
-            (agent, tgid, class_id, action, is_dir, family, proto, _pad, port, addr,
-             path) = DEDUP_KEY.unpack(key)
-            rec = self._record((0, tgid, tgid, 0, 0, agent, generation, class_id, suppressed, 0, action,
-                                0, 0, 0, is_dir, family, proto, 0, port, addr, b"", path))
-            rec.time_ns = audit.now_ns()
-            self._sink(rec)
-
-
-def _host(family: int, addr: bytes, port: int) -> str:
-    if family == 4:
-        return f"{ipaddress.IPv4Address(addr[:4])}:{port}"
-    return f"[{ipaddress.IPv6Address(addr)}]:{port}"
-
-
-def _exe(tgid: int, comm: bytes) -> str:
-    try:
-        return os.readlink(f"/proc/{tgid}/exe")
-    except OSError:
-        return comm.split(b"\0", 1)[0].decode(errors="replace")

@@ -13,7 +13,7 @@ import pytest
 
 from compat_harness import LT, POLICY, REPO, leash_cli, make_world, other_agent, write_policy
 from leash.kernel.backend import probe_lsm
-from leash.kernel.lsm import PIN_ROOT
+from leash.kernel.session import PIN_ROOT
 
 SCRIPT = (f"cat {LT}/w/ok.txt; echo; cat {LT}/w/secrets/s.txt; echo rc=$?; "
           f"{shlex.quote('/usr/bin/python3')} -c 'import socket; s = socket.socket();"

@@ -70,12 +70,12 @@ def test_swap_under_a_running_agent(lz, tmp_path):
 
 
 def test_update_that_does_not_fit_changes_nothing(lz, monkeypatch):
-    from leash.kernel import lsm
+    from leash.kernel import session
 
     tables = compile_dir(lz.policy_dir)
-    addrs = lz.backend._maps["leash_addrs"]
+    addrs = lz.backend.session.map("leash_addrs")
     monkeypatch.setattr(type(addrs), "max_entries", property(lambda self: 3))
-    with pytest.raises(lsm.TablesTooLarge):
+    with pytest.raises(session.TablesTooLarge):
         lz.backend.update(tables)
     monkeypatch.undo()
     bot = lz.agent()

@@ -89,10 +89,22 @@ class Records:
     def __init__(self) -> None:
         self.items: list[AuditRecord] = []
         self._lock = threading.Lock()
+        self._open = threading.Event()
+        self._open.set()
 
     def __call__(self, rec: AuditRecord) -> None:
+        self._open.wait()
         with self._lock:
             self.items.append(rec)
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """A stuck audit sink: every delivery waits until the block ends."""
+        self._open.clear()
+        try:
+            yield
+        finally:
+            self._open.set()
 
     def find(self, pred: Callable[[AuditRecord], bool], timeout: float = 10.0) -> AuditRecord:
         deadline = time.monotonic() + timeout

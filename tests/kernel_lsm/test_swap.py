@@ -64,12 +64,12 @@ def test_swap_under_a_running_agent(lz, tmp_path):
 
 
 def test_update_that_does_not_fit_changes_nothing(lz, tmp_path, monkeypatch):
-    from leash.kernel import lsm
+    from leash.kernel import session
 
     tables = compile_dir(lz.policy_dir)
-    paths = lz.backend._maps["leash_paths"]
+    paths = lz.backend.session.map("leash_paths")
     monkeypatch.setattr(type(paths), "max_entries", property(lambda self: 3))
-    with pytest.raises(lsm.TablesTooLarge):
+    with pytest.raises(session.TablesTooLarge):
         lz.backend.update(tables)
     monkeypatch.undo()
     bot = lz.agent()
