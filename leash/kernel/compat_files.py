@@ -42,6 +42,7 @@ _FLAGS_ARG = {"open": 1, "openat": 2, "open_by_handle_at": 2}
 
 O_ACCMODE = 0o3
 O_RDONLY = 0
+O_CREAT = 0o100
 O_TRUNC = 0o1000
 PF_DUMPCORE = 0x200
 
@@ -354,7 +355,9 @@ class FileDecider:
             flags = task.args[_FLAGS_ARG[name]]
         else:
             return None
-        return (flags & O_ACCMODE) != O_RDONLY or bool(flags & O_TRUNC)
+        # O_CREAT may have just created the file, which the flags cannot tell
+        # from opening an existing one: judged a write either way.
+        return (flags & O_ACCMODE) != O_RDONLY or bool(flags & (O_TRUNC | O_CREAT))
 
     def _loader_mode(self, task: Task) -> bool:
         try:

@@ -88,6 +88,13 @@ def test_openat2_flags_are_read_from_the_agent(lz, bot, other):
     assert both(bot, other, code) == ([EPERM, 0], [0, 0])
 
 
+def test_read_only_create_is_a_write(lz, bot, other):
+    # O_RDONLY|O_CREAT may create the file: judged as the write it may be
+    code = (f"fd = os.open('{LT}/ro/r.txt', os.O_RDONLY | os.O_CREAT)\nos.close(fd)\nresult = 0")
+    wrapped = f"try:\n    {code.replace(chr(10), chr(10) + '    ')}\nexcept OSError as e:\n    result = e.errno"
+    assert both(bot, other, wrapped) == (EPERM, 0)
+
+
 def test_deny_record_names_policy_path_and_process(lz, bot):
     assert bot.run(f"result = try_open('{LT}/w/secrets/s.txt')") == EPERM
     rec = lz.records.find(lambda r: r.resource == f"{LT}/w/secrets/s.txt" and r.decision == "deny")
