@@ -44,7 +44,8 @@ _LIBBPF_DEBUG = 2
 def _on_print(level: int, fmt: bytes, args: int) -> int:
     if level >= _LIBBPF_DEBUG:
         return 0
-    buf = ctypes.create_string_buffer(1024)
+    # one message can carry a whole verifier log, whose end says what failed
+    buf = ctypes.create_string_buffer(1 << 20)
     _libc.vsnprintf(buf, len(buf), fmt, args)
     lines = getattr(_log_local, "lines", None)
     if lines is not None:
