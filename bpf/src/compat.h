@@ -69,6 +69,7 @@ struct {
 /* Reasons beyond leash.h's, decoded by leash/kernel/compat.py. */
 #define COMPAT_WHY_MOUNT 32             /* a mount-family syscall by a governed process */
 #define COMPAT_WHY_POISONED 33          /* an open in a mount namespace where one happened */
+#define COMPAT_WHY_SOCKET 34            /* a socket family no policy can name */
 
 static __always_inline __u32 compat_agent(void)
 {
@@ -80,6 +81,29 @@ static __always_inline __u32 compat_agent(void)
 	/* A thread that was already in a governed cgroup before it was
 	 * governed and has not forked or exec'd since. */
 	return leash_cgroup_agent();
+}
+
+#define SIGKILL 9
+
+/*
+ * What compat does where it cannot refuse (tracepoints cannot fail a
+ * syscall): record it and, in enforce mode, kill the process on its way
+ * back to user space, before it can use the result.
+ */
+static __always_inline int compat_kill(__u32 agent, __u16 reason, __u32 target)
+{
+	struct leash_decision d = {};
+	struct leash_config *cfg = leash_cfg();
+
+	d.agent = agent;
+	d.generation = cfg ? cfg->generation : 0;
+	d.action = LEASH_ACT_SELF;
+	d.reason = reason;
+	d.target = target;
+	d.denied = 1;
+	if (!cfg || leash_finish(&d, cfg))
+		bpf_send_signal(SIGKILL);
+	return 0;
 }
 
 #endif /* LEASH_COMPAT_H */

@@ -15,28 +15,11 @@
 
 char LICENSE[] SEC("license") = "GPL";
 
-#define SIGKILL 9
-
 static __always_inline __u32 compat_mntns(void)
 {
 	struct task_struct *task = bpf_get_current_task_btf();
 
 	return BPF_CORE_READ(task, nsproxy, mnt_ns, ns.inum);
-}
-
-static __always_inline int compat_kill(__u32 agent, __u16 reason)
-{
-	struct leash_decision d = {};
-	struct leash_config *cfg = leash_cfg();
-
-	d.agent = agent;
-	d.generation = cfg ? cfg->generation : 0;
-	d.action = LEASH_ACT_SELF;
-	d.reason = reason;
-	d.denied = 1;
-	if (!cfg || leash_finish(&d, cfg))
-		bpf_send_signal(SIGKILL);
-	return 0;
 }
 
 static __always_inline int compat_mounting(void)
@@ -51,7 +34,7 @@ static __always_inline int compat_mounting(void)
 		if (count)
 			__sync_fetch_and_add(count, 1);
 	}
-	return compat_kill(agent, COMPAT_WHY_MOUNT);
+	return compat_kill(agent, COMPAT_WHY_MOUNT, 0);
 }
 
 static __always_inline int compat_opening(void)
@@ -67,7 +50,7 @@ static __always_inline int compat_opening(void)
 	ns = compat_mntns();
 	if (!bpf_map_lookup_elem(&compat_poisoned, &ns))
 		return 0;
-	return compat_kill(agent, COMPAT_WHY_POISONED);
+	return compat_kill(agent, COMPAT_WHY_POISONED, 0);
 }
 
 SEC("tracepoint/syscalls/sys_enter_mount")

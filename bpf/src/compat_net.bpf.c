@@ -5,7 +5,8 @@
  * reading the same tables as lsm_net.bpf.c through leash_net_decide. Attached
  * at the root of the cgroup v2 hierarchy: scope is per thread (compat_tids),
  * so an agent that leaves its cgroup is still checked. sock_create refuses
- * inet sockets of other transports, which these hooks would never see.
+ * inet sockets of other transports and raw sockets, which these hooks would
+ * never see; compat_sockets.bpf.c deals with the other families.
  */
 #include "compat.h"
 
@@ -13,6 +14,8 @@ char LICENSE[] SEC("license") = "GPL";
 
 #define ALLOW 1
 #define REFUSE 0
+#define SOCK_STREAM 1
+#define SOCK_DGRAM 2
 
 static __always_inline int compat_net(struct bpf_sock_addr *ctx, __u8 family)
 {
@@ -75,7 +78,10 @@ int compat_sock_create(struct bpf_sock *sk)
 	struct leash_config *cfg;
 	__u32 agent;
 
-	if (sk->protocol == IPPROTO_TCP || sk->protocol == IPPROTO_UDP)
+	/* A raw socket names TCP or UDP as its protocol too, and sends without
+	 * reaching the sock_addr hooks. */
+	if ((sk->protocol == IPPROTO_TCP && sk->type == SOCK_STREAM) ||
+	    (sk->protocol == IPPROTO_UDP && sk->type == SOCK_DGRAM))
 		return ALLOW;
 	agent = compat_agent();
 	if (!agent)

@@ -26,6 +26,7 @@
 #define LEASH_PATH_BYTES 252            /* path bytes in a path_key */
 #define LEASH_EVENT_PATH 256            /* path bytes carried by an event */
 #define LEASH_D_PATH_MAX 4096           /* PATH_MAX: bpf_d_path fails beyond */
+#define LEASH_NAME_MAX 255              /* one path component */
 #define LEASH_MAX_CGROUP_DEPTH 16       /* ancestor levels searched for a governed cgroup */
 #define LEASH_DEDUP_WINDOW_NS 1000000000ULL
 
@@ -325,7 +326,12 @@ enum leash_reason {
 	LEASH_WHY_MOUNT = 17,           /* mount, move_mount, fsconfig create, pivot_root */
 	LEASH_WHY_MOUNT_NS = 18,        /* reached through a mount outside the task's namespace */
 	LEASH_WHY_CHROOT = 19,          /* chroot, setns into a mount namespace */
+	LEASH_WHY_ABSTRACT = 20,        /* unix socket with an abstract name: no path to judge */
+	LEASH_WHY_SOCKET = 21,          /* socket family or type no policy can name (packet, raw, vsock...) */
 };
+
+/* leash_event.target of a file decision: how the file was reached. */
+#define LEASH_VIA_UNIX 1                /* connect or send to the unix socket bound there */
 
 /* docs/bpf.md describes this record; leash/kernel/lsm.py decodes it. */
 struct leash_event {
@@ -405,6 +411,9 @@ struct leash_scratch {
 	struct path_key key;
 	struct leash_dedup_key dedup;
 	char buf[LEASH_D_PATH_MAX];
+	/* leash_walk_path builds a path backwards from walk[LEASH_D_PATH_MAX - 1];
+	 * the tail lets a bounded copy start anywhere before it. */
+	char walk[LEASH_D_PATH_MAX + LEASH_NAME_MAX + 1];
 };
 
 struct {
@@ -598,6 +607,32 @@ static __always_inline int leash_foreign_mount(const struct path *path)
 }
 
 /*
+ * Fill the scratch key with the NUL-terminated absolute path `str` (`len`
+ * bytes with the NUL) for d's agent and generation; d->path names it.
+ */
+static __always_inline void leash_path_key(struct leash_scratch *s, const char *str, long len,
+					   struct leash_decision *d)
+{
+	/* The first 252 bytes; a longer path has no NUL and so matches only
+	 * prefix entries, which is what docs/tables.md asks. */
+	bpf_probe_read_kernel(s->key.path, sizeof(s->key.path), str);
+	if (d->is_dir && len > 2 && len < LEASH_PATH_BYTES) {
+		/* len counts the NUL: the path ends at len - 2. The masks are
+		 * asm so that clang, knowing len < 252, cannot drop the bound the
+		 * verifier needs. */
+		__u64 slash = len - 1, nul = len;
+
+		asm volatile("%0 &= 0xff" : "+r"(slash));
+		asm volatile("%0 &= 0xff" : "+r"(nul));
+		s->key.path[slash] = '/';
+		s->key.path[nul] = 0;
+	}
+	s->key.prefixlen = 32 + 8 * LEASH_PATH_BYTES;
+	s->key.owner = leash_owner(d->generation, d->agent);
+	d->path = str;
+}
+
+/*
  * Resolve `path` with bpf_d_path into the scratch key and look it up for the
  * current generation. Returns the table value, or NULL with d->reason set
  * (a file on a mount outside the task's namespace included: its name is
@@ -619,17 +654,7 @@ static __always_inline struct path_val *leash_path_lookup(struct leash_scratch *
 		d->reason = LEASH_WHY_NOT_ABSOLUTE;
 		return NULL;
 	}
-	/* The first 252 bytes; a longer path has no NUL and so matches only
-	 * prefix entries, which is what docs/tables.md asks. */
-	bpf_probe_read_kernel(s->key.path, sizeof(s->key.path), s->buf);
-	if (d->is_dir && len > 2 && len < LEASH_PATH_BYTES) {
-		/* len counts the NUL: the path ends at len - 2 */
-		s->key.path[(len - 1) & 0xff] = '/';
-		s->key.path[len & 0xff] = 0;
-	}
-	s->key.prefixlen = 32 + 8 * LEASH_PATH_BYTES;
-	s->key.owner = leash_owner(d->generation, d->agent);
-	d->path = s->buf;
+	leash_path_key(s, s->buf, len, d);
 	if (leash_foreign_mount(path)) {
 		d->reason = LEASH_WHY_MOUNT_NS;
 		return NULL;

@@ -6,7 +6,7 @@
  * agent from renaming or linking a file out of its policy class, from
  * writing cgroup files and from opening or truncating leash's own files.
  */
-#include "leash.h"
+#include "lsm.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
@@ -34,15 +34,6 @@ static __always_inline int leash_stacked_open(struct file *file)
 
 	return task->cred != task->real_cred || file->f_inode->i_sb != file->f_path.dentry->d_sb;
 }
-
-/* Path prefixes no governed agent may open, whatever the policy says. */
-struct {
-	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(max_entries, 64);
-	__type(key, struct path_key);           /* owner unused (0) */
-	__type(value, __u32);
-} leash_protect SEC(".maps");
 
 /*
  * Files an agent may both read and write where it opened them. Renaming or

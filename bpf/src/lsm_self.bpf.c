@@ -1,20 +1,40 @@
 // SPDX-License-Identifier: GPL-2.0 OR Apache-2.0
 /*
  * Self-protection, whatever the policy says and in audit mode too: a
- * governed agent cannot use
- * bpf(), nor trace or signal the leash daemon, nor run io_uring requests
- * under other credentials (leash tells a filesystem's own credential
- * overrides from the task's by that). Cgroup writes and leash's own files
- * are guarded in lsm_file.bpf.c, mounts in lsm_mount.bpf.c.
+ * governed agent cannot use bpf(), nor trace or signal any process outside
+ * its own agent (the leash daemon, the host's other processes, other
+ * agents), nor run io_uring requests under other credentials (leash tells a
+ * filesystem's own credential overrides from the task's by that). Tracing a
+ * process outside the scope would be a way out of it: code injected there
+ * runs ungoverned. Cgroup writes and leash's own files are guarded in
+ * lsm_file.bpf.c, mounts in lsm_mount.bpf.c.
  */
 #include "leash.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
+#define PTRACE_MODE_ATTACH 0x02
+
 static __always_inline int leash_is_daemon(struct task_struct *p)
 {
 	struct leash_config *cfg = leash_cfg();
 	return cfg && cfg->daemon_tgid && p->tgid == cfg->daemon_tgid;
+}
+
+/*
+ * Whether `p` is known to belong to `agent`: its own scope, or its thread
+ * group's. A process not yet seen by any hook since it was moved into the
+ * agent's cgroup counts as outside (refusing is the safe side).
+ */
+static __always_inline int leash_in_agent(struct task_struct *p, __u32 agent)
+{
+	struct leash_task *t = bpf_task_storage_get(&leash_task, p, 0, 0);
+	__u32 tgid = p->tgid, *a;
+
+	if (t && t->agent)
+		return t->agent == agent;
+	a = bpf_map_lookup_elem(&leash_procs, &tgid);
+	return a && *a == agent;
 }
 
 SEC("lsm/bpf")
@@ -25,12 +45,20 @@ int BPF_PROG(leash_bpf, int cmd, union bpf_attr *attr, unsigned int size)
 	return agent ? leash_refuse(agent, LEASH_WHY_BPF, cmd, NULL) : 0;
 }
 
+/*
+ * Attaching (ptrace, /proc/PID/mem, process_vm_writev, pidfd_getfd) to
+ * anything outside the agent, and any access to the daemon. Reading another
+ * process (/proc/PID/environ, maps, fd) opens files, which the policy judges.
+ */
 SEC("lsm/ptrace_access_check")
 int BPF_PROG(leash_ptrace, struct task_struct *child, unsigned int mode)
 {
-	__u32 agent = leash_agent();
+	__u32 agent;
 
-	if (!agent || !leash_is_daemon(child))
+	if (!(mode & PTRACE_MODE_ATTACH) && !leash_is_daemon(child))
+		return 0;
+	agent = leash_agent();
+	if (!agent || leash_in_agent(child, agent))
 		return 0;
 	return leash_refuse(agent, LEASH_WHY_PTRACE, child->tgid, NULL);
 }
@@ -44,7 +72,7 @@ int BPF_PROG(leash_task_kill, struct task_struct *p, struct kernel_siginfo *info
 	if (!sig)
 		return 0;       /* an existence probe changes nothing */
 	agent = leash_agent();
-	if (!agent || !leash_is_daemon(p))
+	if (!agent || leash_in_agent(p, agent))
 		return 0;
 	return leash_refuse(agent, LEASH_WHY_SIGNAL, p->tgid, NULL);
 }

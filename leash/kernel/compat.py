@@ -45,6 +45,8 @@ COMPAT_REASONS = {
         "and its mount namespace poisoned",
     33: "open in a mount namespace where a governed process mounted: killed before it "
         "could use it",
+    34: "socket family no policy can name (packet, vsock, bluetooth, ...): compat cannot "
+        "refuse it, so the process was killed",
 }
 BTF_PATH = "/sys/kernel/btf/vmlinux"
 BACKLOG = 65536             # records waiting for the audit sink before backpressure
@@ -471,7 +473,7 @@ def _probe_bpf(mount: str | None) -> list[ProbeResult]:
         mount_tracefs()
         tp = next(o for o in loaded if o.name == "compat_mounts").programs["compat_mount"].attach()
         tp.destroy()
-        out.append(ProbeResult("syscall tracepoints", True, "mount-family and open-family syscalls"))
+        out.append(ProbeResult("syscall tracepoints", True, "mount-family, open-family and socket syscalls"))
     except (libbpf.BpfError, subprocess.CalledProcessError) as e:
         out.append(ProbeResult("syscall tracepoints", False,
                                f"{e} (needs CONFIG_FTRACE_SYSCALLS and tracefs)"))

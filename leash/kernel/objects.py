@@ -12,7 +12,7 @@ from importlib import resources
 
 SCOPE = "scope"                                   # tp_btf fork/exec/exit: both backends
 LSM = ("lsm_file", "lsm_exec", "lsm_net", "lsm_self", "lsm_mount")   # loaded after SCOPE by lsm
-COMPAT = ("compat_tasks", "compat_net", "compat_mounts")             # loaded after SCOPE by compat
+COMPAT = ("compat_tasks", "compat_net", "compat_mounts", "compat_sockets")   # loaded after SCOPE by compat
 
 
 def load_bytes(name: str) -> bytes:

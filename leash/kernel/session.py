@@ -22,6 +22,7 @@ import errno
 import ipaddress
 import os
 import shutil
+import socket
 import struct
 import subprocess
 import threading
@@ -63,8 +64,8 @@ REASONS = {
     6: "executing a file with no name (memfd or deleted file)",
     7: "executable mapping by a directly run ELF interpreter",
     8: "governed agents may not use bpf()",
-    9: "governed agents may not trace the leash daemon",
-    10: "governed agents may not signal the leash daemon",
+    9: "governed agents may not trace processes outside their agent (the leash daemon included)",
+    10: "governed agents may not signal processes outside their agent (the leash daemon included)",
     11: "governed agents may not write cgroup files",
     12: "leash's own files",
     13: "hard link to a file the agent may not both read and write",
@@ -75,7 +76,13 @@ REASONS = {
     18: "reached through a mount outside the process's mount namespace (detached, or another "
         "namespace's): its path there is not its name",
     19: "governed agents may not change their root or mount namespace (chroot, setns)",
+    20: "unix socket with an abstract name: no path a policy can name",
+    21: "socket no policy can name (packet, raw, or a family beyond inet and unix)",
 }
+# reasons whose record names a socket family (in target) rather than a path or
+# address: leash.h's LEASH_WHY_SOCKET and compat.h's COMPAT_WHY_SOCKET
+SOCKET_REASONS = {21, 34}
+VIA_UNIX = 1                # leash_event.target of a file decision: reached by a unix socket
 STATS = {0: "deny", 1: "allow", 2: "audit"}
 PROTOCOLS = {tbl.PROTO_TCP: "tcp", tbl.PROTO_UDP: "udp"}
 
@@ -371,7 +378,10 @@ class BpfSession:
         tables = self._tables.get(generation)
         action_name = ACTIONS.get(action, f"action-{action}")
         details: dict[str, object] = {}
-        if action == 4:
+        if reason in SOCKET_REASONS:
+            resource = _socket(target, proto)
+            target = 0
+        elif action == 4:
             resource = _host(family, addr, port)
             details["protocol"] = PROTOCOLS.get(proto, str(proto))
         else:
@@ -380,7 +390,9 @@ class BpfSession:
                 resource += "/"
             if truncated:
                 resource += "..."
-        if target:
+        if target == VIA_UNIX and action in (1, 2):
+            details["via"] = "unix socket"
+        elif target:
             details["target"] = target
         policies: list[str] = []
         if reason == 0 and tables is not None and action != 5:
@@ -439,6 +451,14 @@ def _host(family: int, addr: bytes, port: int) -> str:
     if family == 4:
         return f"{ipaddress.IPv4Address(addr[:4])}:{port}"
     return f"[{ipaddress.IPv6Address(addr)}]:{port}"
+
+
+def _socket(family: int, proto: int) -> str:
+    try:
+        name = socket.AddressFamily(family).name
+    except ValueError:
+        name = f"family {family}"
+    return f"socket({name}, protocol {proto})" if proto else f"socket({name})"
 
 
 def _exe(tgid: int, comm: bytes) -> str:

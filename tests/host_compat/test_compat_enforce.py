@@ -432,6 +432,19 @@ def test_other_transports_refused(lz, bot, other):
     assert rec.decision == "deny" and rec.pid == bot.pid
 
 
+def test_packet_sockets_killed_and_raw_sockets_refused(lz, bot, other):
+    # both send to any address without connect or sendto naming it; the
+    # sock_create hook sees only inet sockets, so a packet socket kills its
+    # maker (lsm: EPERM from socket())
+    packet = "result = try_socket(socket.AF_PACKET, socket.SOCK_RAW)"
+    raw_tcp = "result = try_socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)"
+    assert both(bot, other, packet) == (-signal.SIGKILL, 0)
+    assert both(bot, other, raw_tcp) == (EPERM, 0)
+    assert bot.run("result = try_socket(socket.AF_UNIX, socket.SOCK_STREAM)") == 0
+    rec = lz.records.find(lambda r: r.resource == "socket(AF_PACKET)")
+    assert rec.decision == "deny" and rec.ppid == bot.pid and rec.action == "SelfProtect"
+
+
 # --------------------------------------------------------- scope and self
 
 def test_fork_and_double_fork_stay_governed(lz, bot, other):
@@ -454,6 +467,18 @@ def test_cgroup_procs_write_refused(lz, bot):
     assert bot.pid in [int(p) for p in open(f"{lz.cgroup}/cgroup.procs").read().split()]
     rec = lz.records.find(lambda r: r.action == "SelfProtect" and "cgroup" in r.reason)
     assert rec.decision == "deny"
+
+
+def test_clone_into_another_cgroup_stays_governed(lz, bot):
+    # clone3(CLONE_INTO_CGROUP) places a child in any cgroup whose directory
+    # the agent can open, with no cgroup.procs write to refuse
+    outside = os.path.join(os.path.dirname(lz.cgroup), f"outside-{os.getpid()}")
+    os.mkdir(outside)
+    try:
+        errno_, where = bot.run(f"result = try_clone_into_cgroup({outside!r}, '{LT}/w/secrets/s.txt')")
+        assert where.endswith(os.path.basename(outside)) and errno_ == EPERM
+    finally:
+        os.rmdir(outside)
 
 
 def test_moved_to_another_cgroup_stays_governed(lz):

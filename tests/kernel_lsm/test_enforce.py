@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -257,6 +260,97 @@ def test_udp_connect_and_sendto_without_connect(lz, bot, other):
     assert rec.decision == "deny"
 
 
+def test_packet_and_raw_sockets_refused_at_creation(lz, bot, other):
+    # they send to any address without connect or sendto naming it
+    packet = "result = try_socket(socket.AF_PACKET, socket.SOCK_RAW)"
+    raw_tcp = "result = try_socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)"
+    assert both(bot, other, packet) == (EPERM, 0)
+    assert both(bot, other, raw_tcp) == (EPERM, 0)
+    assert bot.run("result = try_socket(socket.AF_INET6, socket.SOCK_DGRAM)") == 0
+    rec = lz.records.find(lambda r: r.resource == "socket(AF_PACKET)")
+    assert rec.decision == "deny" and rec.ppid == bot.pid and "no policy can name" in rec.reason
+
+
+# ----------------------------------------------------------- unix sockets
+
+UNIX_SERVER = """
+import socket, sys
+held = []
+for kind, path in [(socket.SOCK_STREAM, p) for p in sys.argv[1].split(",")] + \\
+                  [(socket.SOCK_DGRAM, p) for p in sys.argv[2].split(",")]:
+    s = socket.socket(socket.AF_UNIX, kind)
+    s.bind(path.replace("@", "\\0", 1))
+    if kind == socket.SOCK_STREAM:
+        s.listen(64)
+    held.append(s)
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.fixture(scope="module")
+def unix_sockets(lz):
+    """Unix sockets bound by an ungoverned process that is not leash, plus a
+    symlink and a hard link under w/ to the one under w/secrets/."""
+    stream = [f"{LT}/w/ok.sock", f"{LT}/w/secrets/s.sock", f"{LT}/ro/r.sock", "@leash-test-abstract"]
+    dgram = [f"{LT}/w/d.sock", f"{LT}/ro/d.sock"]
+    server = subprocess.Popen([sys.executable, "-c", UNIX_SERVER, ",".join(stream), ",".join(dgram)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert server.stdout.readline().strip() == "ready"
+    os.symlink(f"{LT}/w/secrets/s.sock", f"{LT}/w/link.sock")
+    os.link(f"{LT}/w/secrets/s.sock", f"{LT}/w/hard.sock")
+    yield
+    server.stdin.close()
+    server.wait(timeout=10)
+    for path in (f"{LT}/w/link.sock", f"{LT}/w/hard.sock", *stream[:3], *dgram):
+        os.unlink(path)
+
+
+def test_unix_connect_is_a_write_of_the_socket_path(lz, bot, other, unix_sockets):
+    c = "result = try_unix({!r})"
+    assert both(bot, other, c.format(f"{LT}/w/ok.sock")) == (0, 0)
+    assert both(bot, other, c.format(f"{LT}/w/secrets/s.sock")) == (EPERM, 0)
+    assert both(bot, other, c.format(f"{LT}/ro/r.sock")) == (EPERM, 0)      # readable, not writable
+    rec = lz.records.find(lambda r: r.resource == f"{LT}/w/secrets/s.sock" and r.decision == "deny")
+    assert rec.action == "FileOpenReadWrite" and rec.details.get("via") == "unix socket"
+    assert "no-secrets" in rec.policies and rec.pid == bot.pid
+
+
+def test_unix_connect_through_symlink_hardlink_or_relative_path(lz, bot, other, unix_sockets):
+    # judged at the path the socket was bound at, however the caller named it
+    for path in (f"{LT}/w/link.sock", f"{LT}/w/hard.sock", f"{LT}/w/secrets/s.sock".lstrip("/")):
+        assert both(bot, other, f"result = try_unix({path!r})") == (EPERM, 0), path
+
+
+def test_unix_datagrams(lz, bot, other, unix_sockets):
+    c = "result = try_unix({!r}, socket.SOCK_DGRAM)"
+    assert both(bot, other, c.format(f"{LT}/w/d.sock")) == (0, 0)
+    assert both(bot, other, c.format(f"{LT}/ro/d.sock")) == (EPERM, 0)
+
+
+def test_abstract_unix_sockets_refused(lz, bot, other, unix_sockets):
+    assert both(bot, other, "result = try_unix('\\0leash-test-abstract')") == (EPERM, 0)
+    rec = lz.records.find(lambda r: r.resource == "@leash-test-abstract")
+    assert rec.decision == "deny" and "abstract" in rec.reason
+
+
+def test_socketpairs_and_leash_own_sockets_stay_open(lz, bot, tmp_path):
+    code = ("a, b = socket.socketpair({})\na.send(b'x')\nresult = b.recv(1) == b'x'\n"
+            "a.close()\nb.close()")
+    assert bot.run(code.format("")) is True
+    assert bot.run(code.format("type=socket.SOCK_DGRAM")) is True
+    # a socket the leash process itself listens on (the MCP relay's door), even
+    # where the policy forbids writing
+    door = socket.socket(socket.AF_UNIX)
+    door.bind(f"{LT}/w/secrets/leash.sock")
+    door.listen(4)
+    try:
+        assert bot.run(f"result = try_unix('{LT}/w/secrets/leash.sock')") == 0
+    finally:
+        door.close()
+        os.unlink(f"{LT}/w/secrets/leash.sock")
+
+
 # --------------------------------------------------------- scope and self
 
 def test_fork_and_double_fork_stay_governed(lz, bot, other):
@@ -270,6 +364,18 @@ def test_cgroup_procs_write_refused(lz, bot):
     assert bot.run(f"result = try_call(lambda: open('{root}/cgroup.procs', 'w').write(str(os.getpid())))") == EPERM
     assert bot.run(f"result = try_open('{lz.cgroup}/cgroup.procs', os.O_WRONLY)") == EPERM
     assert bot.pid in [int(p) for p in open(f"{lz.cgroup}/cgroup.procs").read().split()]
+
+
+def test_clone_into_another_cgroup_stays_governed(lz, bot):
+    # clone3(CLONE_INTO_CGROUP) places a child in any cgroup whose directory
+    # the agent can open, with no cgroup.procs write to refuse
+    outside = os.path.join(os.path.dirname(lz.cgroup), f"outside-{os.getpid()}")
+    os.mkdir(outside)
+    try:
+        errno_, where = bot.run(f"result = try_clone_into_cgroup({outside!r}, '{LT}/w/secrets/s.txt')")
+        assert where.endswith(os.path.basename(outside)) and errno_ == EPERM
+    finally:
+        os.rmdir(outside)
 
 
 def test_moved_to_another_cgroup_stays_governed(lz):
@@ -368,6 +474,22 @@ def test_cannot_signal_or_trace_leash(lz, bot, other):
     assert bot.run(f"result = try_open('/proc/{me}/mem')") in (EPERM, errno.EACCES)
     lz.records.find(lambda r: r.action == "SelfProtect" and "signal" in r.reason)
     lz.records.find(lambda r: r.action == "SelfProtect" and "trace" in r.reason)
+
+
+def test_cannot_signal_or_trace_outside_the_agent(lz, bot, other):
+    # code injected into a process outside the scope would run ungoverned
+    assert bot.run(f"result = try_call(os.kill, {other.pid}, signal.SIGCONT)") == EPERM
+    assert bot.run(f"result = try_ptrace({other.pid})") == EPERM
+    # /proc/PID/mem needs ptrace's attach right, even to read
+    assert bot.run(f"result = try_open('/proc/{other.pid}/mem')") == errno.EACCES
+    assert other.run(f"result = try_open('/proc/{bot.pid}/mem')") == 0
+    rec = lz.records.find(lambda r: r.action == "SelfProtect" and r.details.get("target") == other.pid
+                          and "trace" in r.reason)
+    assert rec.decision == "deny" and rec.pid == bot.pid
+    # inside the agent both still work: its own children
+    code = ("import subprocess\np = subprocess.Popen(['sleep', '30'])\n"
+            "r = [try_ptrace(p.pid), try_call(os.kill, p.pid, signal.SIGKILL)]\np.wait()\nresult = r")
+    assert bot.run(code) == [0, 0]
 
 
 def test_cannot_open_leash_files(lz, bot, other):

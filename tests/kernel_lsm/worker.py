@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import sys
 
 libc = ctypes.CDLL(None, use_errno=True)
@@ -15,6 +16,9 @@ SYS_BPF = 321
 PTRACE_ATTACH = 16
 PTRACE_DETACH = 17
 MFD_CLOEXEC = 1
+SYS_CLONE3 = 435
+CLONE_INTO_CGROUP = 0x200000000
+libc.syscall.restype = ctypes.c_long
 
 
 def try_open(path, flags=os.O_RDONLY, mode=0o644):
@@ -94,6 +98,66 @@ def try_sendto(family, host, port):
         return e.errno
     finally:
         s.close()
+
+
+def try_socket(family, kind, proto=0):
+    """Make (and close) a socket in a child: 0, the errno, or minus the
+    signal that killed the child (the compat backend kills what it cannot
+    refuse)."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            socket.socket(family, kind, proto).close()
+            os._exit(0)
+        except OSError as e:
+            os._exit(e.errno)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def try_unix(path, kind=socket.SOCK_STREAM):
+    """Connect (stream) or send a datagram (dgram) to the unix socket at
+    `path` ("\0name": an abstract one): 0, or the errno."""
+    s = socket.socket(socket.AF_UNIX, kind)
+    s.settimeout(5)
+    try:
+        if kind == socket.SOCK_DGRAM:
+            s.sendto(b"x", path)
+        else:
+            s.connect(path)
+        return 0
+    except OSError as e:
+        return e.errno
+    finally:
+        s.close()
+
+
+def try_clone_into_cgroup(cgroup_dir, path):
+    """clone3(CLONE_INTO_CGROUP): a child born in `cgroup_dir` (which needs
+    no cgroup.procs write) tries to open `path`. Returns [its errno, the
+    cgroup it was in], or ["clone3", errno] when the clone failed."""
+    fd = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY)
+    r, w = os.pipe()
+    args = ctypes.create_string_buffer(struct.pack("<11Q", CLONE_INTO_CGROUP, 0, 0, 0, signal.SIGCHLD,
+                                                   0, 0, 0, 0, 0, fd), 88)
+    pid = libc.syscall(SYS_CLONE3, args, ctypes.c_size_t(88))
+    if pid == 0:
+        # the child of a raw clone: as little Python as possible, then out
+        e = try_open(path)
+        with open("/proc/self/cgroup") as f:
+            cg = next(line[3:].strip() for line in f if line.startswith("0::"))
+        os.write(w, json.dumps([e, cg]).encode())
+        os._exit(0)
+    err = ctypes.get_errno()
+    os.close(fd)
+    os.close(w)
+    if pid < 0:
+        os.close(r)
+        return ["clone3", err]
+    os.waitpid(pid, 0)
+    data = os.read(r, 65536)
+    os.close(r)
+    return json.loads(data)
 
 
 def try_bpf():
