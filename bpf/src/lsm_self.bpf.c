@@ -1,9 +1,9 @@
 // SPDX-License-Identifier: GPL-2.0 OR Apache-2.0
 /*
  * Self-protection, whatever the policy says and in audit mode too: a
- * governed agent cannot use bpf(), nor trace or signal any process outside
- * its own agent (the leash daemon, the host's other processes, other
- * agents), nor run io_uring requests under other credentials (leash tells a
+ * governed agent cannot use bpf(), nor trace, signal or re-prioritise any
+ * process outside its own agent (the leash daemon, the host's other
+ * processes, other agents), nor run io_uring requests under other credentials (leash tells a
  * filesystem's own credential overrides from the task's by that). Tracing a
  * process outside the scope would be a way out of it: code injected there
  * runs ungoverned. Cgroup writes and leash's own files are guarded in
@@ -75,6 +75,44 @@ int BPF_PROG(leash_task_kill, struct task_struct *p, struct kernel_siginfo *info
 	if (!agent || leash_in_agent(p, agent))
 		return 0;
 	return leash_refuse(agent, LEASH_WHY_SIGNAL, p->tgid, NULL);
+}
+
+/*
+ * Changing another process: its priority, I/O priority, scheduling policy
+ * or CPU affinity, its resource limits (prlimit: a CPU-time limit of zero
+ * kills it). Within the agent, anything the kernel allows.
+ */
+static __always_inline int leash_task_change(struct task_struct *p)
+{
+	__u32 agent = leash_agent();
+
+	if (!agent || leash_in_agent(p, agent))
+		return 0;
+	return leash_refuse(agent, LEASH_WHY_TASK, p->tgid, NULL);
+}
+
+SEC("lsm/task_setnice")
+int BPF_PROG(leash_task_setnice, struct task_struct *p, int nice)
+{
+	return leash_task_change(p);
+}
+
+SEC("lsm/task_setioprio")
+int BPF_PROG(leash_task_setioprio, struct task_struct *p, int ioprio)
+{
+	return leash_task_change(p);
+}
+
+SEC("lsm/task_setscheduler")
+int BPF_PROG(leash_task_setscheduler, struct task_struct *p)
+{
+	return leash_task_change(p);
+}
+
+SEC("lsm/task_setrlimit")
+int BPF_PROG(leash_task_setrlimit, struct task_struct *p, unsigned int resource, struct rlimit *new_rlim)
+{
+	return leash_task_change(p);
 }
 
 SEC("lsm/uring_override_creds")

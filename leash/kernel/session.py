@@ -78,6 +78,8 @@ REASONS = {
     19: "governed agents may not change their root or mount namespace (chroot, setns)",
     20: "unix socket with an abstract name: no path a policy can name",
     21: "socket no policy can name (packet, raw, or a family beyond inet and unix)",
+    22: "governed agents may not change the priority, scheduling or limits of processes "
+        "outside their agent",
 }
 # reasons whose record names a socket family (in target) rather than a path or
 # address: leash.h's LEASH_WHY_SOCKET and compat.h's COMPAT_WHY_SOCKET

@@ -492,6 +492,22 @@ def test_cannot_signal_or_trace_outside_the_agent(lz, bot, other):
     assert bot.run(code) == [0, 0]
 
 
+def test_cannot_reprioritise_or_limit_outside_the_agent(lz, bot, other):
+    # a CPU-time limit of zero would kill leash; renicing starves it
+    nofile = ("import resource\n"
+              "result = try_call(resource.prlimit, {0}, resource.RLIMIT_NOFILE, "
+              "resource.prlimit({0}, resource.RLIMIT_NOFILE))")
+    changes = (nofile, "result = try_call(os.setpriority, os.PRIO_PROCESS, {0}, 0)",
+               "result = try_call(os.sched_setaffinity, {0}, os.sched_getaffinity({0}))")
+    for code in changes:
+        assert bot.run(code.format(other.pid)) == EPERM, code
+        assert bot.run(code.format(os.getpid())) == EPERM, code
+        assert other.run(code.format(bot.pid)) == 0, code
+        assert bot.run(code.format(bot.pid)) == 0, code
+    rec = lz.records.find(lambda r: r.action == "SelfProtect" and "priority" in r.reason)
+    assert rec.decision == "deny" and rec.pid == bot.pid
+
+
 def test_cannot_open_leash_files(lz, bot, other):
     import leash
     own = os.path.join(os.path.dirname(leash.__file__), "audit.py")
