@@ -22,15 +22,18 @@ pytestmark = pytest.mark.vm
 
 
 def in_vm_tests() -> list[str]:
-    """tests/kernel_lsm/test_x.py::test_y for every module-level test, read
-    from the source so collection does not need the VM."""
+    """tests/kernel_lsm/test_x.py::test_y for every module-level test, those a
+    module imports (the shared scenarios) included, read from the source so
+    collection does not need the VM."""
     ids = []
     for path in sorted(glob.glob(os.path.join(SUITE, "test_*.py"))):
         with open(path) as f:
             tree = ast.parse(f.read())
         rel = os.path.relpath(path, REPO)
-        ids += [f"{rel}::{node.name}" for node in tree.body
-                if isinstance(node, ast.FunctionDef) and node.name.startswith("test_")]
+        names = [node.name for node in tree.body if isinstance(node, ast.FunctionDef)]
+        names += [alias.asname or alias.name for node in tree.body if isinstance(node, ast.ImportFrom)
+                  for alias in node.names]
+        ids += [f"{rel}::{name}" for name in names if name.startswith("test_")]
     return ids
 
 

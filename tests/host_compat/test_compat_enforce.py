@@ -16,6 +16,24 @@ import time
 import pytest
 
 from compat_harness import LT, Agent, cgroup_of, finish_thread_exec, other_agent, running, start_thread_exec
+# The scenarios both backends share (scenarios.py): pytest collects them here,
+# run with this module's `lz`.
+from scenarios import (  # noqa: F401
+    both, bot, other,
+    test_scope_map_knows_the_agent,
+    test_reads,
+    test_symlink,
+    test_relative_paths,
+    test_proc_self_fd_reopen_for_write,
+    test_exec,
+    test_exec_through_symlink_and_relative_path,
+    test_connect_ipv6,
+    test_ipv4_mapped_ipv6,
+    test_udp_connect_and_sendto_without_connect,
+    test_fork_and_double_fork_stay_governed,
+    test_clone_into_another_cgroup_stays_governed,
+    test_cannot_open_leash_files,
+)
 from leash.kernel import cgroup, compat
 
 EPERM, ECONNREFUSED = errno.EPERM, errno.ECONNREFUSED
@@ -27,24 +45,6 @@ def lz(tmp_path_factory):
         yield lz
 
 
-@pytest.fixture(scope="module")
-def bot(lz):
-    a = lz.agent()
-    assert a.run("result = os.getpid()") == a.pid
-    yield a
-
-
-@pytest.fixture(scope="module")
-def other(lz):
-    a = other_agent()
-    yield a
-    a.close()
-
-
-def both(bot, other, code):
-    return bot.run(code), other.run(code)
-
-
 def test_probe_says_compat_works_here():
     results = compat.probe_compat()
     assert [r.name for r in results] == ["BTF", "cgroup v2", "tp_btf programs", "ring buffer",
@@ -53,19 +53,7 @@ def test_probe_says_compat_works_here():
     assert all(r.ok for r in results), results
 
 
-def test_scope_map_knows_the_agent(lz, bot, other):
-    assert lz.backend.agent_of_pid(bot.pid) == 1
-    assert lz.backend.agent_of_pid(other.pid) == 0
-
-
 # ------------------------------------------------------------------ files
-
-def test_reads(lz, bot, other):
-    assert both(bot, other, f"result = try_open('{LT}/w/ok.txt')") == (0, 0)
-    assert both(bot, other, f"result = try_open('{LT}/w/secrets/s.txt')") == (EPERM, 0)
-    assert both(bot, other, f"result = try_open('{LT}/w/key.txt')") == (EPERM, 0)
-    assert both(bot, other, f"result = try_open('{LT}/w/secrets')") == (EPERM, 0)   # the directory
-
 
 def test_writes(lz, bot, other):
     wr = "os.O_WRONLY | os.O_CREAT"
@@ -164,24 +152,6 @@ def test_files_every_agent_may_fully_use_are_cached_in_the_kernel(lz, bot, other
 
 # --------------------------------------------------------------- bypasses
 
-def test_symlink(lz, bot, other):
-    bot.run(f"os.symlink('{LT}/w/secrets/s.txt', '{LT}/w/sym'); result = 0")
-    assert both(bot, other, f"result = try_open('{LT}/w/sym')") == (EPERM, 0)
-
-
-def test_relative_paths(lz, bot, other):
-    code = (f"os.chdir('{LT}/w/secrets'); a = try_open('s.txt'); os.chdir('{LT}/w');"
-            f" b = try_open('secrets/../secrets/s.txt'); c = try_open('./ok.txt'); os.chdir('/');"
-            f" result = [a, b, c]")
-    assert both(bot, other, code) == ([EPERM, EPERM, 0], [0, 0, 0])
-
-
-def test_proc_self_fd_reopen_for_write(lz, bot, other):
-    code = (f"fd = os.open('{LT}/ro/r.txt', os.O_RDONLY);"
-            f" result = try_open(f'/proc/self/fd/{{fd}}', os.O_WRONLY); os.close(fd)")
-    assert both(bot, other, code) == (EPERM, 0)
-
-
 def test_hardlink_to_secret_cannot_be_opened(lz, bot, other):
     # compat cannot refuse link(2) (lsm does): the link exists, but no
     # governed process can open the file through it, or at all
@@ -248,20 +218,6 @@ def test_rename_out_of_a_forbidden_class(lz, bot, other):
 
 
 # ------------------------------------------------------------------- exec
-
-def test_exec(lz, bot, other):
-    assert both(bot, other, f"result = try_exec(['{LT}/bin/allowed'])") == (["status", 0], ["status", 0])
-    assert both(bot, other, f"result = try_exec(['{LT}/bin/forbidden'])") == (["errno", EPERM], ["status", 0])
-    rec = lz.records.find(lambda r: r.action == "ProcessExec" and r.resource == f"{LT}/bin/forbidden")
-    assert rec.decision == "deny" and rec.policies == ["no-forbidden"]
-
-
-def test_exec_through_symlink_and_relative_path(lz, bot, other):
-    os.symlink(f"{LT}/bin/forbidden", f"{LT}/w/innocent")
-    assert both(bot, other, f"result = try_exec(['{LT}/w/innocent'])") == (["errno", EPERM], ["status", 0])
-    code = f"os.chdir('{LT}/bin'); result = try_exec(['./forbidden']); os.chdir('/')"
-    assert both(bot, other, code) == (["errno", EPERM], ["status", 0])
-
 
 def test_script_interpreter_is_checked(lz, bot, other):
     with open(f"{LT}/bin/script", "w") as f:
@@ -384,37 +340,6 @@ def test_connect_ipv4(lz, bot, other):
     assert rec.decision == "deny" and rec.details.get("protocol") == "tcp" and rec.backend == "compat"
 
 
-def test_connect_ipv6(lz, bot, other):
-    c = "result = try_connect(socket.AF_INET6, '::1', {})"
-    assert both(bot, other, c.format(8080)) == (ECONNREFUSED, ECONNREFUSED)
-    assert both(bot, other, c.format(8081)) == (EPERM, ECONNREFUSED)
-    lz.records.find(lambda r: r.action == "NetworkConnect" and r.resource == "[::1]:8081"
-                    and r.decision == "deny")
-
-
-def test_ipv4_mapped_ipv6(lz, bot, other):
-    c = "result = try_connect(socket.AF_INET6, '::ffff:{}', {})"
-    assert both(bot, other, c.format("127.0.0.1", 8080)) == (ECONNREFUSED, ECONNREFUSED)
-    assert both(bot, other, c.format("127.0.0.1", 8081)) == (EPERM, ECONNREFUSED)
-    assert both(bot, other, c.format("127.0.0.2", 8080)) == (EPERM, ECONNREFUSED)
-    rec = lz.records.find(lambda r: r.action == "NetworkConnect" and r.resource == "127.0.0.2:8080")
-    assert rec.decision == "deny"
-
-
-def test_udp_connect_and_sendto_without_connect(lz, bot, other):
-    udp = "socket.SOCK_DGRAM"
-    assert both(bot, other, f"result = try_connect(socket.AF_INET, '127.0.0.1', 8080, {udp})") == (0, 0)
-    assert both(bot, other, f"result = try_connect(socket.AF_INET, '127.0.0.1', 9999, {udp})") == (EPERM, 0)
-    assert both(bot, other, "result = try_sendto(socket.AF_INET, '127.0.0.1', 5353)") == (0, 0)
-    assert both(bot, other, "result = try_sendto(socket.AF_INET, '127.0.0.1', 9999)") == (EPERM, 0)
-    assert both(bot, other, "result = try_sendto(socket.AF_INET6, '::ffff:127.0.0.1', 9999)") == (EPERM, 0)
-    assert both(bot, other, "result = try_sendto(socket.AF_INET6, '::1', 5353)") == (EPERM, 0)
-    # TCP on 5353 is not covered by the UDP-only permit
-    assert both(bot, other, "result = try_connect(socket.AF_INET, '127.0.0.1', 5353)") == (EPERM, ECONNREFUSED)
-    rec = lz.records.find(lambda r: r.resource == "127.0.0.1:9999" and r.details.get("protocol") == "udp")
-    assert rec.decision == "deny"
-
-
 def test_tcp_fast_open_is_a_connect(lz, bot, other):
     code = ("s = socket.socket()\n"
             "try:\n    s.sendto(b'x', socket.MSG_FASTOPEN, ('127.0.0.1', {}))\n    result = 0\n"
@@ -447,12 +372,6 @@ def test_packet_sockets_killed_and_raw_sockets_refused(lz, bot, other):
 
 # --------------------------------------------------------- scope and self
 
-def test_fork_and_double_fork_stay_governed(lz, bot, other):
-    code = f"result = in_child(lambda: try_open('{LT}/w/secrets/s.txt'), depth={{}}, setsid={{}})"
-    for depth, setsid in ((1, False), (2, True), (3, True)):
-        assert both(bot, other, code.format(depth, setsid)) == (EPERM, 0)
-
-
 def test_threads_stay_governed(lz, bot, other):
     code = ("import threading\nout = []\n"
             f"t = threading.Thread(target=lambda: out.append(try_open('{LT}/w/secrets/s.txt')))\n"
@@ -467,18 +386,6 @@ def test_cgroup_procs_write_refused(lz, bot):
     assert bot.pid in [int(p) for p in open(f"{lz.cgroup}/cgroup.procs").read().split()]
     rec = lz.records.find(lambda r: r.action == "SelfProtect" and "cgroup" in r.reason)
     assert rec.decision == "deny"
-
-
-def test_clone_into_another_cgroup_stays_governed(lz, bot):
-    # clone3(CLONE_INTO_CGROUP) places a child in any cgroup whose directory
-    # the agent can open, with no cgroup.procs write to refuse
-    outside = os.path.join(os.path.dirname(lz.cgroup), f"outside-{os.getpid()}")
-    os.mkdir(outside)
-    try:
-        errno_, where = bot.run(f"result = try_clone_into_cgroup({outside!r}, '{LT}/w/secrets/s.txt')")
-        assert where.endswith(os.path.basename(outside)) and errno_ == EPERM
-    finally:
-        os.rmdir(outside)
 
 
 def test_moved_to_another_cgroup_stays_governed(lz):
@@ -498,11 +405,3 @@ def test_moved_to_another_cgroup_stays_governed(lz):
         a.close()
 
 
-def test_cannot_open_leash_files(lz, bot, other):
-    import leash
-    own = os.path.join(os.path.dirname(leash.__file__), "audit.py")
-    policy = os.path.join(lz.policy_dir, "policy.cedar")
-    assert both(bot, other, f"result = try_open('{own}')") == (EPERM, 0)
-    assert both(bot, other, f"result = try_open('{policy}')") == (EPERM, 0)
-    rec = lz.records.find(lambda r: r.action == "SelfProtect" and r.resource == own)
-    assert rec.reason == "leash's own files"

@@ -166,9 +166,9 @@ class Agent:
 
 
 class Leash:
-    """A started LsmBackend with one governed agent cgroup."""
+    """A started backend with one governed agent cgroup."""
 
-    def __init__(self, backend: LsmBackend, records: Records, cgroup_path: str, policy_dir: str) -> None:
+    def __init__(self, backend, records: Records, cgroup_path: str, policy_dir: str) -> None:
         self.backend = backend
         self.records = records
         self.cgroup = cgroup_path
@@ -179,12 +179,15 @@ class Leash:
 
 
 @contextmanager
-def running(tmp_dir: str, mode: str = "enforce", policy: str = POLICY) -> Iterator[Leash]:
+def running(tmp_dir: str, mode: str = "enforce", policy: str = POLICY, backend_class=LsmBackend,
+            **options) -> Iterator[Leash]:
+    """A fresh file tree, `policy` compiled and enforced by a started backend
+    (the compat suite passes its own class and options), and the agent's cgroup."""
     make_world()
     policy_dir = os.path.join(tmp_dir, "policy")
     write_policy(policy_dir, policy)
     records = Records()
-    backend = LsmBackend(protected_paths=[policy_dir])
+    backend = backend_class(protected_paths=[policy_dir], **options)
     backend.start(compile_dir(policy_dir), mode, records)
     cg = cgroup.create_agent_cgroup("bot", f"{os.getpid()}-{time.monotonic_ns()}")
     try:

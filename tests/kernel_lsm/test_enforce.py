@@ -13,6 +13,24 @@ import time
 import pytest
 
 from harness import LT, Agent, cgroup_of, finish_thread_exec, other_agent, running, start_thread_exec
+# The scenarios both backends share (scenarios.py): pytest collects them here,
+# run with this module's `lz`.
+from scenarios import (  # noqa: F401
+    both, bot, other,
+    test_scope_map_knows_the_agent,
+    test_reads,
+    test_symlink,
+    test_relative_paths,
+    test_proc_self_fd_reopen_for_write,
+    test_exec,
+    test_exec_through_symlink_and_relative_path,
+    test_connect_ipv6,
+    test_ipv4_mapped_ipv6,
+    test_udp_connect_and_sendto_without_connect,
+    test_fork_and_double_fork_stay_governed,
+    test_clone_into_another_cgroup_stays_governed,
+    test_cannot_open_leash_files,
+)
 from leash.kernel import backend as backend_mod
 from leash.kernel import cgroup
 
@@ -25,43 +43,13 @@ def lz(tmp_path_factory):
         yield lz
 
 
-@pytest.fixture(scope="module")
-def bot(lz):
-    a = lz.agent()
-    assert a.run("result = os.getpid()") == a.pid
-    yield a
-
-
-@pytest.fixture(scope="module")
-def other(lz):
-    a = other_agent()
-    yield a
-    a.close()
-
-
-def both(bot, other, code):
-    return bot.run(code), other.run(code)
-
-
 def test_probe_says_lsm_works_here():
     probe = backend_mod.probe_lsm()
     assert probe.ok, probe.reason
     assert "bpf" in probe.active_lsms.split(",")
 
 
-def test_scope_map_knows_the_agent(lz, bot, other):
-    assert lz.backend.agent_of_pid(bot.pid) == 1
-    assert lz.backend.agent_of_pid(other.pid) == 0
-
-
 # ------------------------------------------------------------------ files
-
-def test_reads(lz, bot, other):
-    assert both(bot, other, f"result = try_open('{LT}/w/ok.txt')") == (0, 0)
-    assert both(bot, other, f"result = try_open('{LT}/w/secrets/s.txt')") == (EPERM, 0)
-    assert both(bot, other, f"result = try_open('{LT}/w/key.txt')") == (EPERM, 0)
-    assert both(bot, other, f"result = try_open('{LT}/w/secrets')") == (EPERM, 0)   # the directory
-
 
 def test_writes(lz, bot, other):
     wr = "os.O_WRONLY | os.O_CREAT"
@@ -141,24 +129,6 @@ def test_allow_records_are_folded_and_counted(lz, bot):
 
 # --------------------------------------------------------------- bypasses
 
-def test_symlink(lz, bot, other):
-    bot.run(f"os.symlink('{LT}/w/secrets/s.txt', '{LT}/w/sym'); result = 0")
-    assert both(bot, other, f"result = try_open('{LT}/w/sym')") == (EPERM, 0)
-
-
-def test_relative_paths(lz, bot, other):
-    code = (f"os.chdir('{LT}/w/secrets'); a = try_open('s.txt'); os.chdir('{LT}/w');"
-            f" b = try_open('secrets/../secrets/s.txt'); c = try_open('./ok.txt'); os.chdir('/');"
-            f" result = [a, b, c]")
-    assert both(bot, other, code) == ([EPERM, EPERM, 0], [0, 0, 0])
-
-
-def test_proc_self_fd_reopen_for_write(lz, bot, other):
-    code = (f"fd = os.open('{LT}/ro/r.txt', os.O_RDONLY);"
-            f" result = try_open(f'/proc/self/fd/{{fd}}', os.O_WRONLY); os.close(fd)")
-    assert both(bot, other, code) == (EPERM, 0)
-
-
 def test_hardlink_to_secret_refused(lz, bot, other):
     assert bot.run(f"result = try_call(os.link, '{LT}/w/secrets/s.txt', '{LT}/w/hl')") == EPERM
     assert not os.path.exists(f"{LT}/w/hl")
@@ -184,20 +154,6 @@ def test_rename_out_of_a_forbidden_class_refused(lz, bot):
 
 
 # ------------------------------------------------------------------- exec
-
-def test_exec(lz, bot, other):
-    assert both(bot, other, f"result = try_exec(['{LT}/bin/allowed'])") == (["status", 0], ["status", 0])
-    assert both(bot, other, f"result = try_exec(['{LT}/bin/forbidden'])") == (["errno", EPERM], ["status", 0])
-    rec = lz.records.find(lambda r: r.action == "ProcessExec" and r.resource == f"{LT}/bin/forbidden")
-    assert rec.decision == "deny" and rec.policies == ["no-forbidden"]
-
-
-def test_exec_through_symlink_and_relative_path(lz, bot, other):
-    os.symlink(f"{LT}/bin/forbidden", f"{LT}/w/innocent")
-    assert both(bot, other, f"result = try_exec(['{LT}/w/innocent'])") == (["errno", EPERM], ["status", 0])
-    code = f"os.chdir('{LT}/bin'); result = try_exec(['./forbidden']); os.chdir('/')"
-    assert both(bot, other, code) == (["errno", EPERM], ["status", 0])
-
 
 def test_dynamic_loader_bypass(lz, bot, other):
     ld = "/lib64/ld-linux-x86-64.so.2"
@@ -227,37 +183,6 @@ def test_connect_ipv4(lz, bot, other):
     assert both(bot, other, "result = try_connect(socket.AF_INET, '127.0.0.2', 8080)") == (EPERM, ECONNREFUSED)
     rec = lz.records.find(lambda r: r.action == "NetworkConnect" and r.resource == "127.0.0.1:8081")
     assert rec.decision == "deny" and rec.details.get("protocol") == "tcp"
-
-
-def test_connect_ipv6(lz, bot, other):
-    c = "result = try_connect(socket.AF_INET6, '::1', {})"
-    assert both(bot, other, c.format(8080)) == (ECONNREFUSED, ECONNREFUSED)
-    assert both(bot, other, c.format(8081)) == (EPERM, ECONNREFUSED)
-    lz.records.find(lambda r: r.action == "NetworkConnect" and r.resource == "[::1]:8081"
-                    and r.decision == "deny")
-
-
-def test_ipv4_mapped_ipv6(lz, bot, other):
-    c = "result = try_connect(socket.AF_INET6, '::ffff:{}', {})"
-    assert both(bot, other, c.format("127.0.0.1", 8080)) == (ECONNREFUSED, ECONNREFUSED)
-    assert both(bot, other, c.format("127.0.0.1", 8081)) == (EPERM, ECONNREFUSED)
-    assert both(bot, other, c.format("127.0.0.2", 8080)) == (EPERM, ECONNREFUSED)
-    rec = lz.records.find(lambda r: r.action == "NetworkConnect" and r.resource == "127.0.0.2:8080")
-    assert rec.decision == "deny"
-
-
-def test_udp_connect_and_sendto_without_connect(lz, bot, other):
-    udp = "socket.SOCK_DGRAM"
-    assert both(bot, other, f"result = try_connect(socket.AF_INET, '127.0.0.1', 8080, {udp})") == (0, 0)
-    assert both(bot, other, f"result = try_connect(socket.AF_INET, '127.0.0.1', 9999, {udp})") == (EPERM, 0)
-    assert both(bot, other, "result = try_sendto(socket.AF_INET, '127.0.0.1', 5353)") == (0, 0)
-    assert both(bot, other, "result = try_sendto(socket.AF_INET, '127.0.0.1', 9999)") == (EPERM, 0)
-    assert both(bot, other, "result = try_sendto(socket.AF_INET6, '::ffff:127.0.0.1', 9999)") == (EPERM, 0)
-    assert both(bot, other, "result = try_sendto(socket.AF_INET6, '::1', 5353)") == (EPERM, 0)
-    # TCP on 5353 is not covered by the UDP-only permit
-    assert both(bot, other, "result = try_connect(socket.AF_INET, '127.0.0.1', 5353)") == (EPERM, ECONNREFUSED)
-    rec = lz.records.find(lambda r: r.resource == "127.0.0.1:9999" and r.details.get("protocol") == "udp")
-    assert rec.decision == "deny"
 
 
 def test_packet_and_raw_sockets_refused_at_creation(lz, bot, other):
@@ -353,29 +278,11 @@ def test_socketpairs_and_leash_own_sockets_stay_open(lz, bot, tmp_path):
 
 # --------------------------------------------------------- scope and self
 
-def test_fork_and_double_fork_stay_governed(lz, bot, other):
-    code = f"result = in_child(lambda: try_open('{LT}/w/secrets/s.txt'), depth={{}}, setsid={{}})"
-    for depth, setsid in ((1, False), (2, True), (3, True)):
-        assert both(bot, other, code.format(depth, setsid)) == (EPERM, 0)
-
-
 def test_cgroup_procs_write_refused(lz, bot):
     root = os.path.dirname(os.path.dirname(lz.cgroup))
     assert bot.run(f"result = try_call(lambda: open('{root}/cgroup.procs', 'w').write(str(os.getpid())))") == EPERM
     assert bot.run(f"result = try_open('{lz.cgroup}/cgroup.procs', os.O_WRONLY)") == EPERM
     assert bot.pid in [int(p) for p in open(f"{lz.cgroup}/cgroup.procs").read().split()]
-
-
-def test_clone_into_another_cgroup_stays_governed(lz, bot):
-    # clone3(CLONE_INTO_CGROUP) places a child in any cgroup whose directory
-    # the agent can open, with no cgroup.procs write to refuse
-    outside = os.path.join(os.path.dirname(lz.cgroup), f"outside-{os.getpid()}")
-    os.mkdir(outside)
-    try:
-        errno_, where = bot.run(f"result = try_clone_into_cgroup({outside!r}, '{LT}/w/secrets/s.txt')")
-        assert where.endswith(os.path.basename(outside)) and errno_ == EPERM
-    finally:
-        os.rmdir(outside)
 
 
 def test_moved_to_another_cgroup_stays_governed(lz):
@@ -508,11 +415,3 @@ def test_cannot_reprioritise_or_limit_outside_the_agent(lz, bot, other):
     assert rec.decision == "deny" and rec.pid == bot.pid
 
 
-def test_cannot_open_leash_files(lz, bot, other):
-    import leash
-    own = os.path.join(os.path.dirname(leash.__file__), "audit.py")
-    policy = os.path.join(lz.policy_dir, "policy.cedar")
-    assert both(bot, other, f"result = try_open('{own}')") == (EPERM, 0)
-    assert both(bot, other, f"result = try_open('{policy}')") == (EPERM, 0)
-    rec = lz.records.find(lambda r: r.action == "SelfProtect" and r.resource == own)
-    assert rec.reason == "leash's own files"
