@@ -78,6 +78,60 @@ int BPF_PROG(leash_task_kill, struct task_struct *p, struct kernel_siginfo *info
 }
 
 /*
+ * Signals the kernel sends for the agent later: the owner of a file gets
+ * SIGIO (or the signal F_SETSIG names) when I/O is possible there. By the
+ * time it goes out, the hook that sees it (file_send_sigiotask) cannot tell
+ * who set the owner, so the owner is judged when it is set. fcntl(F_SETOWN)
+ * passes it by value: a process of the agent (listed in leash_procs, or the
+ * caller itself) or a process group whose leader is one may be the owner.
+ * F_SETOWN_EX and ioctl(FIOSETOWN / SIOCSPGRP) pass it through user memory,
+ * which another thread can change between this check and the kernel's own
+ * copy, so governed agents may not use them.
+ */
+#define F_SETOWN 8
+#define F_SETOWN_EX 15
+#define FIOSETOWN 0x8901
+#define SIOCSPGRP 0x8902
+
+SEC("lsm/file_fcntl")
+int BPF_PROG(leash_file_fcntl, struct file *file, unsigned int cmd, unsigned long arg)
+{
+	__u64 id;
+	__u32 agent, target, *a;
+	int who;
+
+	if (cmd != F_SETOWN && cmd != F_SETOWN_EX)
+		return 0;
+	agent = leash_agent();
+	if (!agent)
+		return 0;
+	if (cmd == F_SETOWN_EX)
+		return leash_refuse(agent, LEASH_WHY_SIGNAL, 0, NULL);
+	who = (int)arg;
+	if (who == 0)
+		return 0;       /* no owner: no signal */
+	target = who < 0 ? -who : who;
+	id = bpf_get_current_pid_tgid();
+	if (who > 0 && (target == (__u32)id || target == id >> 32))
+		return 0;
+	a = bpf_map_lookup_elem(&leash_procs, &target);
+	if (a && *a == agent)
+		return 0;
+	return leash_refuse(agent, LEASH_WHY_SIGNAL, target, NULL);
+}
+
+SEC("lsm/file_ioctl")
+int BPF_PROG(leash_file_ioctl, struct file *file, unsigned int cmd, unsigned long arg)
+{
+	__u32 agent;
+
+	if (cmd != FIOSETOWN && cmd != SIOCSPGRP)
+		return 0;
+	agent = leash_agent();
+	return agent ? leash_refuse(agent, LEASH_WHY_SIGNAL, 0, NULL) : 0;
+}
+
+/*
  * Changing another process: its priority, I/O priority, scheduling policy
  * or CPU affinity, its resource limits (prlimit: a CPU-time limit of zero
  * kills it). Within the agent, anything the kernel allows.

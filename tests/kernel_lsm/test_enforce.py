@@ -399,6 +399,20 @@ def test_cannot_signal_or_trace_outside_the_agent(lz, bot, other):
     assert bot.run(code) == [0, 0]
 
 
+def test_signal_owner_outside_the_agent_refused(lz, bot, other):
+    # a file's owner gets SIGIO (or F_SETSIG's signal) when I/O is possible:
+    # owning it from outside the agent would be a kill() nobody judges
+    code = ("import fcntl\nr, w = os.pipe()\nsetown = lambda who: try_call(fcntl.fcntl, r, fcntl.F_SETOWN, who)\n"
+            "res = [setown({0}), setown(-os.getpgid(0)), setown(os.getpid()), setown(0),\n"
+            "       try_call(fcntl.fcntl, r, 15, struct.pack('ii', 1, os.getpid()))]\n"  # F_SETOWN_EX
+            "os.close(r)\nos.close(w)\nresult = res")
+    assert bot.run(code.format(other.pid)) == [EPERM, EPERM, 0, 0, EPERM]
+    assert other.run(code.format(bot.pid)) == [0, 0, 0, 0, 0]
+    rec = lz.records.find(lambda r: r.action == "SelfProtect" and r.details.get("target") == other.pid
+                          and "signal" in r.reason)
+    assert rec.pid == bot.pid
+
+
 def test_cannot_reprioritise_or_limit_outside_the_agent(lz, bot, other):
     # a CPU-time limit of zero would kill leash; renicing starves it
     nofile = ("import resource\n"
