@@ -120,6 +120,9 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=("lsm", "compat"), help="force a kernel backend")
     p.add_argument("--audit", metavar="FILE", help="append audit records (JSON Lines) to FILE")
     p.add_argument("--user", metavar="USER", help="run -- CMD as this user (name or uid) instead of root")
+    p.add_argument("--cap-add", metavar="CAP", action="append", default=[],
+                   help="let -- CMD keep this capability (e.g. NET_ADMIN); by default it keeps only "
+                        "what container runtimes give root, less NET_RAW, MKNOD and SYS_CHROOT")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS: run CMD as a governed agent")
 
 

@@ -13,6 +13,7 @@ import sys
 import threading
 
 import leash
+from leash import capabilities
 from leash.audit import AuditLog, AuditRecord, now_ns
 from leash.policy.compiler import AnswerCache, CompileError, compile_tables
 from leash.policy.loader import LoadedPolicy, PolicyLoadError, load_policy_dir
@@ -192,7 +193,17 @@ def run(args) -> int:
         except ValueError as e:
             _say(str(e))
             return EXIT_BAD_INPUT
-    child = AgentRun(agent, command, run_as) if command else None
+    keep_caps = capabilities.AGENT_KEEPS
+    if getattr(args, "cap_add", None):
+        if not command:
+            _say("--cap-add applies to -- CMD")
+            return EXIT_BAD_INPUT
+        try:
+            keep_caps = keep_caps | capabilities.parse(args.cap_add)
+        except ValueError as e:
+            _say(str(e))
+            return EXIT_BAD_INPUT
+    child = AgentRun(agent, command, run_as, keep_caps) if command else None
     try:
         if child is not None:
             child.fork()           # before any thread: the child waits, not yet exec'd

@@ -4,7 +4,8 @@ The child is forked before leash starts any thread and waits on a pipe; leash
 moves it into a fresh cgroup under its own root, tells the backend that cgroup
 is the agent, and only then lets it exec CMD. So CMD's very first instruction
 already runs governed. When CMD exits, whatever it left running in its scope
-is killed: nothing the agent started outlives its governance.
+is killed: nothing the agent started outlives its governance. CMD runs
+without the capabilities capabilities.py names, whatever user it runs as.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 
 import msgspec
 
+from leash import capabilities
 from leash.kernel import cgroup
 
 
@@ -39,10 +41,12 @@ def resolve_user(spec: str) -> RunAs:
 
 
 class AgentRun:
-    def __init__(self, agent: str, command: list[str], run_as: RunAs | None = None) -> None:
+    def __init__(self, agent: str, command: list[str], run_as: RunAs | None = None,
+                 keep_caps: frozenset[str] = capabilities.AGENT_KEEPS) -> None:
         self.agent = agent
         self.command = command
         self.run_as = run_as
+        self.keep_caps = keep_caps
         self.pid = 0
         self.cgroup_path: str | None = None
         self._go: int | None = None
@@ -57,6 +61,7 @@ class AgentRun:
             if go != b"x":
                 os._exit(125)
             try:
+                capabilities.drop_bounding(self.keep_caps)
                 if self.run_as is not None:
                     u = self.run_as
                     os.setgroups(list(u.groups))
@@ -65,7 +70,7 @@ class AgentRun:
                     os.environ.update(HOME=u.home, USER=u.name, LOGNAME=u.name)
                 os.execvp(self.command[0], self.command)
             except OSError as e:
-                print(f"leash: cannot run {self.command[0]}: {e.strerror}", file=sys.stderr, flush=True)
+                print(f"leash: cannot run {self.command[0]}: {e.strerror or e}", file=sys.stderr, flush=True)
                 os._exit(127)
         os.close(r)
         self.pid, self._go = pid, w

@@ -5,6 +5,7 @@ started outliving the run."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import queue
@@ -170,3 +171,78 @@ def test_user_drops_privileges_before_the_agent_starts(tmp_path):
     r = subprocess.run(leash_cmd("--policy", str(policy), "--user", "no-such-user-x", "--", "/bin/true"),
                        capture_output=True, text=True, timeout=120, env=env())
     assert r.returncode == 2 and "no such user: no-such-user-x" in r.stderr
+
+
+ESCAPES = r'''
+import ctypes, errno, json, os
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+
+def err(rc):
+    return 0 if rc >= 0 else ctypes.get_errno()
+
+def ptrace(pid):
+    rc = libc.ptrace(16, pid, None, None)           # PTRACE_ATTACH
+    if rc == 0:
+        libc.ptrace(17, pid, None, None)            # PTRACE_DETACH
+    return err(rc)
+
+def opened(path):
+    try:
+        os.close(os.open(path, os.O_RDONLY))
+        return 0
+    except OSError as e:
+        return e.errno
+
+daemon = os.getppid()
+responders = []
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"compat_responder" in f.read():
+                responders.append(int(pid))
+    except OSError:
+        pass
+try:
+    os.mknod("DIR/sda", 0o600 | 0o060000, os.makedev(8, 0))          # S_IFBLK
+    mknod = 0
+except OSError as e:
+    mknod = e.errno
+attr = ctypes.create_string_buffer(16)
+print(json.dumps({
+    "bounding": next(l.split()[1] for l in open("/proc/self/status") if l.startswith("CapBnd")),
+    "ptrace_daemon": ptrace(daemon), "ptrace_responders": [ptrace(p) for p in responders],
+    "daemon_mem": opened(f"/proc/{daemon}/mem"), "mknod": mknod,
+    "bpf": err(libc.syscall(321, 11, attr, 16)),     # BPF_PROG_GET_NEXT_ID
+}))
+'''
+
+
+def test_a_root_agent_cannot_reach_into_leash_nor_below_the_policy(tmp_path):
+    # compat has no hook for ptrace, bpf() or mknod: the command runs without
+    # the capabilities for them (leash/capabilities.py), and the kernel lets
+    # no process trace one holding capabilities it lacks (leash's, the
+    # host's root services), so root alone is not enough
+    policy = tmp_path / "policy"
+    policy.mkdir()
+    (policy / "system.cedar").write_text(SYSTEM)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    script = ESCAPES.replace("DIR", str(scratch))
+    r = subprocess.run(leash_cmd("--policy", str(policy), "--", "/usr/bin/python3", "-c", script),
+                       capture_output=True, text=True, timeout=120, env=env())
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["bounding"] == "00000000a00005fb"       # CHOWN .. SETPCAP, NET_BIND_SERVICE, AUDIT_WRITE, SETFCAP
+    assert got["ptrace_daemon"] == errno.EPERM
+    assert got["ptrace_responders"] and set(got["ptrace_responders"]) == {errno.EPERM}
+    assert got["daemon_mem"] in (errno.EACCES, errno.EPERM)
+    assert got["mknod"] == errno.EPERM and not (scratch / "sda").exists()
+    assert got["bpf"] == errno.EPERM
+    r = subprocess.run(leash_cmd("--policy", str(policy), "--cap-add", "net_admin", "--", "/bin/sh", "-c",
+                                 "grep CapBnd /proc/self/status"),
+                       capture_output=True, text=True, timeout=120, env=env())
+    assert r.stdout.split() == ["CapBnd:", "00000000a00015fb"], r.stderr
+    r = subprocess.run(leash_cmd("--policy", str(policy), "--cap-add", "warp_drive", "--", "/bin/true"),
+                       capture_output=True, text=True, timeout=120, env=env())
+    assert r.returncode == 2 and "unknown capability: warp_drive" in r.stderr

@@ -329,6 +329,7 @@ enum leash_reason {
 	LEASH_WHY_ABSTRACT = 20,        /* unix socket with an abstract name: no path to judge */
 	LEASH_WHY_SOCKET = 21,          /* socket family or type no policy can name (packet, raw, vsock...) */
 	LEASH_WHY_TASK = 22,            /* priority, scheduling or limits of a process outside the agent */
+	LEASH_WHY_CAPABILITY = 23,      /* kernel modules, raw I/O, device nodes, reboot (target: the capability) */
 };
 
 /* leash_event.target of a file decision: how the file was reached. */

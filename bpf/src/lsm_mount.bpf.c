@@ -7,7 +7,8 @@
  * forbidden directory under an allowed path, or read it through an
  * overlay, and open it by a name the policy allows. So a governed agent
  * may not make, move or pivot a mount, nor change its root or enter
- * another mount namespace. A mount it can make without any of these hooks
+ * another mount namespace (those two through CAP_SYS_CHROOT, refused in
+ * lsm_self.bpf.c with the other capabilities no agent may use). A mount it can make without any of these hooks
  * (open_tree(OPEN_TREE_CLONE): a detached copy, used through its fd) is
  * outside its namespace, and every open through it is refused
  * (leash_foreign_mount in leash.h).
@@ -15,8 +16,6 @@
 #include "leash.h"
 
 char LICENSE[] SEC("license") = "GPL";
-
-#define CAP_SYS_CHROOT 18
 
 /* mount(2), every kind: new, bind, move, remount, propagation. */
 SEC("lsm/sb_mount")
@@ -59,24 +58,4 @@ int BPF_PROG(leash_sb_pivotroot, const struct path *old_path, const struct path 
 	__u32 agent = leash_agent();
 
 	return agent ? leash_refuse(agent, LEASH_WHY_MOUNT, 0, (const char *)new_path->dentry->d_name.name) : 0;
-}
-
-/*
- * chroot(2) and setns(2) into a mount namespace are the two users of
- * CAP_SYS_CHROOT; either changes what every path names for the task. Other
- * capabilities return at once, before the scope lookup.
- */
-SEC("lsm/capable")
-int BPF_PROG(leash_capable, const struct cred *cred, struct user_namespace *ns, int cap, unsigned int opts)
-{
-	struct task_struct *task;
-	__u32 agent;
-
-	if (cap != CAP_SYS_CHROOT)
-		return 0;
-	task = bpf_get_current_task_btf();
-	if (cred != task->cred)
-		return 0;       /* asked about another task's credentials */
-	agent = leash_agent_of(task);
-	return agent ? leash_refuse(agent, LEASH_WHY_CHROOT, cap, NULL) : 0;
 }

@@ -6,8 +6,9 @@
  * processes, other agents), nor run io_uring requests under other credentials (leash tells a
  * filesystem's own credential overrides from the task's by that). Tracing a
  * process outside the scope would be a way out of it: code injected there
- * runs ungoverned. Cgroup writes and leash's own files are guarded in
- * lsm_file.bpf.c, mounts in lsm_mount.bpf.c.
+ * runs ungoverned. Nor can it use the capabilities that act below any
+ * policy (see leash_capable). Cgroup writes and leash's own files are
+ * guarded in lsm_file.bpf.c, mounts in lsm_mount.bpf.c.
  */
 #include "leash.h"
 
@@ -167,6 +168,46 @@ SEC("lsm/task_setrlimit")
 int BPF_PROG(leash_task_setrlimit, struct task_struct *p, unsigned int resource, struct rlimit *new_rlim)
 {
 	return leash_task_change(p);
+}
+
+/*
+ * Capabilities a governed task may not use, whatever it holds (the runner
+ * already drops them from a command's bounding set; an agent made of
+ * processes leash did not start may still hold them): chroot(2) and
+ * setns(2) into a mount namespace (CAP_SYS_CHROOT) change what every path
+ * names; loading kernel code (SYS_MODULE), raw memory and I/O ports
+ * (SYS_RAWIO) and device nodes (MKNOD: a disk's node made under an allowed
+ * path) act below any path a policy names; SYS_BOOT reboots or kexecs the
+ * host. Other capabilities return at once, before the scope lookup. A
+ * check the kernel makes without auditing (a probe for a privilege it can
+ * do without) is refused without a record.
+ */
+#define CAP_SYS_CHROOT 18
+#define CAP_MKNOD 27
+#define CAP_SYS_MODULE 16
+#define CAP_SYS_RAWIO 17
+#define CAP_SYS_BOOT 22
+#define CAP_OPT_NOAUDIT 0x2
+#define LEASH_REFUSED_CAPS ((1ULL << CAP_SYS_CHROOT) | (1ULL << CAP_MKNOD) | (1ULL << CAP_SYS_MODULE) | \
+			    (1ULL << CAP_SYS_RAWIO) | (1ULL << CAP_SYS_BOOT))
+
+SEC("lsm/capable")
+int BPF_PROG(leash_capable, const struct cred *cred, struct user_namespace *ns, int cap, unsigned int opts)
+{
+	struct task_struct *task;
+	__u32 agent;
+
+	if (cap < 0 || cap > 63 || !(LEASH_REFUSED_CAPS & (1ULL << cap)))
+		return 0;
+	task = bpf_get_current_task_btf();
+	if (cred != task->cred)
+		return 0;       /* asked about another task's credentials */
+	agent = leash_agent_of(task);
+	if (!agent)
+		return 0;
+	if (opts & CAP_OPT_NOAUDIT)
+		return -EPERM;
+	return leash_refuse(agent, cap == CAP_SYS_CHROOT ? LEASH_WHY_CHROOT : LEASH_WHY_CAPABILITY, cap, NULL);
 }
 
 SEC("lsm/uring_override_creds")

@@ -80,6 +80,7 @@ REASONS = {
     21: "socket no policy can name (packet, raw, or a family beyond inet and unix)",
     22: "governed agents may not change the priority, scheduling or limits of processes "
         "outside their agent",
+    23: "governed agents may not load kernel modules, use raw I/O, make device nodes or reboot",
 }
 # reasons whose record names a socket family (in target) rather than a path or
 # address: leash.h's LEASH_WHY_SOCKET and compat.h's COMPAT_WHY_SOCKET

@@ -399,6 +399,21 @@ def test_cannot_signal_or_trace_outside_the_agent(lz, bot, other):
     assert bot.run(code) == [0, 0]
 
 
+def test_capabilities_below_the_policy_refused(lz, bot, other):
+    # a root agent leash did not start holds every capability: kernel code
+    # and device nodes (a disk's node under an allowed path) stay out of reach
+    finit_module = ("libc.syscall.restype = ctypes.c_long\n"
+                    "result = 0 if libc.syscall(313, -1, b'', 0) == 0 else ctypes.get_errno()")
+    assert both(bot, other, finit_module) == (EPERM, errno.EBADF)    # EBADF: past the capability check
+    node = f"{LT}/w/disk"
+    mknod = f"result = try_call(os.mknod, {node!r}, 0o600 | stat.S_IFBLK, os.makedev(7, 0))"
+    assert bot.run("import stat\n" + mknod) == EPERM
+    assert other.run("import stat\n" + mknod) == 0
+    os.unlink(node)
+    rec = lz.records.find(lambda r: r.action == "SelfProtect" and "kernel modules" in r.reason)
+    assert rec.pid == bot.pid and rec.details.get("target") in (16, 27)
+
+
 def test_signal_owner_outside_the_agent_refused(lz, bot, other):
     # a file's owner gets SIGIO (or F_SETSIG's signal) when I/O is possible:
     # owning it from outside the agent would be a kill() nobody judges
