@@ -13,7 +13,7 @@ import sys
 import threading
 
 import leash
-from leash import capabilities
+from leash import capabilities, oom
 from leash.audit import AuditLog, AuditRecord, now_ns
 from leash.policy.compiler import AnswerCache, CompileError, compile_tables
 from leash.policy.loader import LoadedPolicy, PolicyLoadError, load_policy_dir
@@ -156,6 +156,11 @@ def run(args) -> int:
     if os.geteuid() != 0:
         _say("must run as root (it loads BPF programs and answers fanotify events)")
         return EXIT_UNSUPPORTED
+    try:
+        oom.spare_self()
+        oom_note = None
+    except OSError as e:               # said once leash runs: a refusal to start stays one line
+        oom_note = f"note: the OOM killer may pick leash (lowering oom_score_adj: {e.strerror or e})"
     registry = AgentRegistry()
     command = list(args.command or [])
     agent = args.agent or (os.path.basename(command[0]) if command else None)
@@ -215,6 +220,8 @@ def run(args) -> int:
         except Exception as e:
             _say(f"cannot start the {getattr(backend, 'name', '?')} backend: {e}")
             return EXIT_UNSUPPORTED
+        if oom_note:
+            _say(oom_note)
         from leash.mcp.service import ServiceError
         mcp = None
         try:

@@ -16,7 +16,7 @@ import sys
 
 import msgspec
 
-from leash import capabilities
+from leash import capabilities, oom
 from leash.kernel import cgroup
 
 
@@ -56,6 +56,7 @@ class AgentRun:
         pid = os.fork()
         if pid == 0:                   # child: wait for the go byte, then exec
             os.close(w)
+            oom.restore_default()      # now: once governed, /proc/self is the policy's to judge
             go = os.read(r, 1)
             os.close(r)
             if go != b"x":

@@ -194,6 +194,14 @@ def opened(path):
     except OSError as e:
         return e.errno
 
+def opened_w(path, text):
+    try:
+        with open(path, "w") as f:
+            f.write(text)
+        return 0
+    except OSError as e:
+        return e.errno
+
 daemon = os.getppid()
 responders = []
 for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -214,6 +222,8 @@ print(json.dumps({
     "ptrace_daemon": ptrace(daemon), "ptrace_responders": [ptrace(p) for p in responders],
     "daemon_mem": opened(f"/proc/{daemon}/mem"), "mknod": mknod,
     "bpf": err(libc.syscall(321, 11, attr, 16)),     # BPF_PROG_GET_NEXT_ID
+    "oom": [open(f"/proc/{p}/oom_score_adj").read().strip() for p in ("self", daemon)],
+    "spare_self": opened_w("/proc/self/oom_score_adj", "-1000"),
 }))
 '''
 
@@ -239,6 +249,9 @@ def test_a_root_agent_cannot_reach_into_leash_nor_below_the_policy(tmp_path):
     assert got["daemon_mem"] in (errno.EACCES, errno.EPERM)
     assert got["mknod"] == errno.EPERM and not (scratch / "sda").exists()
     assert got["bpf"] == errno.EPERM
+    # the agent cannot spare itself from the OOM killer (leash's own -1000 is
+    # checked in the VM: this machine's root lacks CAP_SYS_RESOURCE)
+    assert got["oom"][0] == "0" and got["spare_self"] == errno.EACCES
     r = subprocess.run(leash_cmd("--policy", str(policy), "--cap-add", "net_admin", "--", "/bin/sh", "-c",
                                  "grep CapBnd /proc/self/status"),
                        capture_output=True, text=True, timeout=120, env=env())

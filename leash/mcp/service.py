@@ -38,6 +38,7 @@ from typing import Callable, Union
 
 import msgspec
 
+from leash import oom
 from leash.audit import AuditRecord, now_ns
 from leash.mcp import jsonrpc, relay
 from leash.mcp.lines import read_lines
@@ -321,10 +322,12 @@ async def _spawn(config: McpServerConfig) -> asyncio.subprocess.Process:
         credentials = {"user": account.pw_uid, "group": account.pw_gid,
                        "extra_groups": await _groups_of(account.pw_name)}
     try:
-        return await asyncio.create_subprocess_exec(
+        proc = await asyncio.create_subprocess_exec(
             *config.command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE, env=env, cwd=config.cwd or "/", start_new_session=True,
             **credentials)
+        oom.restore_default(proc.pid)      # the daemon is spared; its servers are not
+        return proc
     except OSError as e:
         raise _Refusal(jsonrpc.UPSTREAM_FAILED,
                        f"leash: cannot start the MCP server {config.command[0]!r}: {e.strerror or e}") from None

@@ -37,3 +37,16 @@ def test_run_audit_mode(tmp_path):
     assert proc.returncode == 0 and proc.stdout == "secret", proc.stderr
     deny = [r for r in recs if r.decision == "deny" and r.resource == f"{LT}/w/secrets/s.txt"]
     assert deny and deny[0].mode == "audit"
+
+
+def test_run_spares_leash_from_the_oom_killer_not_the_agent(tmp_path):
+    # (the build machines' sandbox lacks CAP_SYS_RESOURCE; the VM's root has it)
+    make_world()
+    code = ("cat /proc/$PPID/oom_score_adj /proc/self/oom_score_adj; grep CapBnd /proc/self/status; "
+            "echo -1000 > /proc/self/oom_score_adj || echo refused")
+    proc, _ = leash(tmp_path, "/bin/sh", "-c", code)
+    assert proc.returncode == 0, proc.stderr
+    daemon, agent, bounding, lowered = proc.stdout.splitlines()
+    assert (daemon, agent) == ("-1000", "0")
+    assert bounding.split() == ["CapBnd:", "00000000a00005fb"]
+    assert lowered == "refused"
