@@ -4,8 +4,9 @@ The child is forked before leash starts any thread and waits on a pipe; leash
 moves it into a fresh cgroup under its own root, tells the backend that cgroup
 is the agent, and only then lets it exec CMD. So CMD's very first instruction
 already runs governed. When CMD exits, whatever it left running in its scope
-is killed: nothing the agent started outlives its governance. CMD runs
-without the capabilities capabilities.py names, whatever user it runs as.
+is killed: nothing the agent started outlives its governance. CMD keeps only
+the capabilities capabilities.py names (plus --cap-add), whatever user it
+runs as.
 """
 
 from __future__ import annotations
