@@ -91,18 +91,7 @@ def run_wrap(args: argparse.Namespace) -> int:
               "daemon hosts through the daemon's relay instead: /run/leash/mcp-relay SERVER; docs/mcp.md)",
               file=sys.stderr)
         return 2
-    try:
-        gateway, source, log = _gateway(args, "stdio", client_pid())
-    except PolicyLoadError as e:
-        print(f"leash: policy {args.policy} does not load:\n{e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"leash: cannot open the audit log {args.audit_log}: {e.strerror}", file=sys.stderr)
-        return 2
-    try:
-        return asyncio.run(wrap(gateway, command, source.request_reload))
-    finally:
-        log.close()
+    return _run_gateway(args, "stdio", lambda gateway, reload: wrap(gateway, command, reload), client_pid())
 
 
 def run_proxy(args: argparse.Namespace) -> int:
@@ -113,8 +102,14 @@ def run_proxy(args: argparse.Namespace) -> int:
     except (ValueError, UpstreamURLError) as e:
         print(f"leash mcp proxy: {e}", file=sys.stderr)
         return 2
+    return _run_gateway(args, "http", lambda gateway, reload: serve(gateway, config, reload))
+
+
+def _run_gateway(args: argparse.Namespace, transport: str, main, client_pid: int = 0) -> int:
+    """Load the policy and open the audit log (2 with the reason if either
+    fails), then run main(gateway, request_reload) to the end."""
     try:
-        gateway, source, log = _gateway(args, "http")
+        gateway, source, log = _gateway(args, transport, client_pid)
     except PolicyLoadError as e:
         print(f"leash: policy {args.policy} does not load:\n{e}", file=sys.stderr)
         return 2
@@ -122,7 +117,7 @@ def run_proxy(args: argparse.Namespace) -> int:
         print(f"leash: cannot open the audit log {args.audit_log}: {e.strerror}", file=sys.stderr)
         return 2
     try:
-        return asyncio.run(serve(gateway, config, source.request_reload))
+        return asyncio.run(main(gateway, source.request_reload))
     finally:
         log.close()
 
