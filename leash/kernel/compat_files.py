@@ -171,9 +171,11 @@ class FileDecider:
         # (agent, dev, file handle): files an agent opened where it may both
         # read and write them; linking or renaming those gains it nothing.
         self._rw: OrderedDict[tuple[int, int, bytes], None] = OrderedDict()
-        # (dev, ino) -> None: inodes known not to be allow-all, so an
-        # ungoverned open of them costs an fstat, not a path lookup.
-        self._not_all: OrderedDict[tuple[int, int], None] = OrderedDict()
+        # (dev, ino, ctime) -> None: files known not to be allow-all, so an
+        # ungoverned open of them costs an fstat, not a path lookup. The
+        # ctime tells a file from a later one that reuses its inode number
+        # (and a renamed or relinked file, which may have changed class).
+        self._not_all: OrderedDict[tuple[int, int, int], None] = OrderedDict()
         self._dedup: dict[tuple, list] = {}
         self.trusted_mounts: frozenset[int] = frozenset()
         self._dedup_lock = threading.Lock()
@@ -377,7 +379,7 @@ class FileDecider:
             st = os.fstat(fd)
         except OSError:
             return
-        ident = (st.st_dev, st.st_ino)
+        ident = (st.st_dev, st.st_ino, st.st_ctime_ns)
         if ident in self._not_all:
             self._not_all.move_to_end(ident)
             return

@@ -150,6 +150,20 @@ def test_files_every_agent_may_fully_use_are_cached_in_the_kernel(lz, bot, other
     assert _wait(lambda: lz.backend.stats().governed > before)
 
 
+def test_a_file_is_judged_again_for_caching_when_it_changes_class(lz, other):
+    # leash remembers files it may not cache; a file moved into an allow-all
+    # class (or a new one reusing a deleted file's inode number) is not that file
+    src, dst = f"{LT}/ro/moving.txt", f"{LT}/w/moved.txt"
+    with open(src, "w") as f:
+        f.write("x")
+    assert other.run(f"result = try_open('{src}')") == 0
+    time.sleep(0.2)
+    assert not _ignored(lz, src)                 # ro/ is read-only for the agent: asked every time
+    os.rename(src, dst)
+    assert other.run(f"result = try_open('{dst}')") == 0
+    assert _wait(lambda: _ignored(lz, dst))
+
+
 # --------------------------------------------------------------- bypasses
 
 def test_hardlink_to_secret_cannot_be_opened(lz, bot, other):
