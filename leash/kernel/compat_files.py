@@ -402,6 +402,8 @@ class FileDecider:
         is_dir = stat.S_ISDIR(st.st_mode)
         if not path.startswith("/") or self._protected(path) or st.st_dev in self.cgroup_devs:
             return False
+        if not is_dir and st.st_nlink > 1:
+            return False     # an ignore mark is per inode: another name may be in another class
         if mask & fan.FAN_OPEN_EXEC_PERM:
             if is_dir or (st.st_dev, st.st_ino) in self.loaders:
                 return False
