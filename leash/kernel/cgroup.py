@@ -15,6 +15,8 @@ import re
 import signal
 import time
 
+from leash.kernel import mountinfo
+
 LEASH_DIR = "leash"
 _PREFERRED_MOUNTS = ("/sys/fs/cgroup", "/sys/fs/cgroup/unified")
 
@@ -23,23 +25,10 @@ class CgroupError(Exception):
     """A one-line, user-facing reason (no cgroup v2, cannot create, ...)."""
 
 
-def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo.
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
-def cgroup2_mounts(mountinfo: str) -> list[str]:
+def cgroup2_mounts(mountinfo_text: str) -> list[str]:
     """Mount points of cgroup2 filesystems that show the hierarchy's root
     (a container's bind of a sub-cgroup is no use for creating siblings)."""
-    out = []
-    for line in mountinfo.splitlines():
-        fields = line.split()
-        if "-" not in fields:
-            continue
-        sep = fields.index("-")
-        if fields[sep + 1] == "cgroup2" and fields[3] == "/":
-            out.append(_unescape(fields[4]))
-    return out
+    return [m.path for m in mountinfo.parse(mountinfo_text) if m.fstype == "cgroup2" and m.root == "/"]
 
 
 def cgroup2_mount(mountinfo_path: str = "/proc/self/mountinfo") -> str:

@@ -30,10 +30,11 @@ import time
 import msgspec
 
 from leash.audit import AuditRecord, now_ns
-from leash.kernel import cgroup, libbpf
+from leash.kernel import libbpf, mountinfo
 from leash.kernel import fanotify as fan
 from leash.kernel.compat_files import FileDecider
 from leash.kernel.compat_moves import MoveWatcher
+from leash.kernel.mountinfo import Mount
 from leash.policy.tables import DecisionTables
 
 MARK_MASK = fan.FAN_OPEN_PERM | fan.FAN_OPEN_EXEC_PERM | fan.FAN_ONDIR
@@ -124,37 +125,11 @@ class Unavailable(RuntimeError):
 
 # ----------------------------------------------------------- filesystems
 
-class Mount(msgspec.Struct, frozen=True):
-    dev: int              # kernel dev_t: major << 20 | minor
-    user_dev: int         # st_dev as stat() reports it
-    path: str
-    fstype: str
-    root: str = "/"       # the directory of the filesystem mounted there
-    mount_id: int = 0
-
-
-def mounts(mountinfo: str | None = None) -> list[Mount]:
-    """Every mount in this mount namespace, in mount order."""
-    if mountinfo is None:
-        with open("/proc/self/mountinfo") as f:
-            mountinfo = f.read()
-    out = []
-    for line in mountinfo.splitlines():
-        fields = line.split()
-        if "-" not in fields:
-            continue
-        sep = fields.index("-")
-        major, minor = (int(x) for x in fields[2].split(":"))
-        out.append(Mount(major << 20 | minor, os.makedev(major, minor), cgroup._unescape(fields[4]),
-                         fields[sep + 1], cgroup._unescape(fields[3]), int(fields[0])))
-    return out
-
-
-def filesystems(mountinfo: str | None = None) -> list[Mount]:
+def filesystems(text: str | None = None) -> list[Mount]:
     """One mount per superblock, in mount order: where its whole tree is
     mounted when it is (so paths resolved through it are the real ones)."""
     seen: dict[int, Mount] = {}
-    for m in mounts(mountinfo):
+    for m in (mountinfo.mounts() if text is None else mountinfo.parse(text)):
         if m.dev not in seen or (m.root == "/" and seen[m.dev].root != "/"):
             seen[m.dev] = m
     return list(seen.values())
@@ -268,7 +243,7 @@ class FileServer:
         self.decider = FileDecider(self.group, Scope(cfg.tids_fd), cfg.mode, self.record,
                                    tuple(cfg.protected), cgroup_devs, cfg.cache_allows, out.backlogged)
         self.decider.set_tables(cfg.tables)
-        self.decider.set_mounts(mounts())
+        self.decider.set_mounts(mountinfo.mounts())
         live, gone = Scope(cfg.tids_fd), Scope(cfg.gone_fd)
         self.moves = MoveWatcher(notify, lambda tid: live(tid) or gone(tid), self.decider.may_copy,
                                  self.decider.rw_marked, self.decider.tainted, self.decider.unignore,
@@ -356,7 +331,7 @@ class FileServer:
                     self.internal(f"compat watcher: {type(e).__name__}: {e}")
 
     def _mark_new(self) -> None:
-        self.decider.set_mounts(mounts())
+        self.decider.set_mounts(mountinfo.mounts())
         known = {m.dev for m in self.marked}
         marked, refused = mark_all(self.group, [m for m in filesystems() if m.dev not in known])
         self._note_marked(marked)

@@ -10,6 +10,7 @@ import pytest
 from leash.kernel import cgroup
 from leash.kernel import compat_responder as cr
 from leash.kernel import fanotify
+from leash.kernel.mountinfo import Mount
 
 HYBRID = """\
 22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw
@@ -83,7 +84,7 @@ def test_a_filesystem_that_refuses_a_mark_is_named():
             if path == "/tmp":
                 raise fanotify.FanotifyError(22, "fanotify_mark /tmp: Invalid argument")
     root, tmp = os.stat("/").st_dev, os.stat("/tmp").st_dev
-    found = [cr.Mount(1, root, "/", "ext4"), cr.Mount(2, tmp, "/tmp", "xfs"), cr.Mount(3, 0, "/proc", "proc")]
+    found = [Mount(1, root, "/", "ext4"), Mount(2, tmp, "/tmp", "xfs"), Mount(3, 0, "/proc", "proc")]
     marked, refused = cr.mark_all(Picky(), found)
     assert [m.path for m in marked] == ["/"]                    # proc: skipped, not refused
     assert refused == ["cannot watch /tmp (xfs) for permission events: Invalid argument"]
