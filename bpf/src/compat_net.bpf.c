@@ -74,8 +74,7 @@ int compat_sendmsg6(struct bpf_sock_addr *ctx)
 SEC("cgroup/sock_create")
 int compat_sock_create(struct bpf_sock *sk)
 {
-	struct leash_decision d = {};
-	struct leash_config *cfg;
+	struct leash_decision d = { .action = LEASH_ACT_CONNECT, .reason = LEASH_WHY_PROTOCOL };
 	__u32 agent;
 
 	/* A raw socket names TCP or UDP as its protocol too, and sends without
@@ -86,15 +85,7 @@ int compat_sock_create(struct bpf_sock *sk)
 	agent = compat_agent();
 	if (!agent)
 		return ALLOW;
-	cfg = leash_cfg();
-	if (!cfg)
-		return REFUSE;
-	d.agent = agent;
-	d.generation = cfg->generation;
-	d.action = LEASH_ACT_CONNECT;
-	d.reason = LEASH_WHY_PROTOCOL;
 	d.family = sk->family == AF_INET6 ? 6 : 4;
 	d.proto = sk->protocol;
-	d.denied = 1;
-	return leash_finish(&d, cfg) ? REFUSE : ALLOW;
+	return leash_deny(agent, &d) ? REFUSE : ALLOW;
 }

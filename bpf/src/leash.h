@@ -564,25 +564,33 @@ static __always_inline int leash_finish(const struct leash_decision *d, const st
 }
 
 /*
+ * Refuse what no policy can allow: `d` says what (action, reason, details);
+ * recorded as a deny of `agent` under the live generation. Audit mode lets
+ * it happen unless d->always.
+ */
+static __always_inline int leash_deny(__u32 agent, struct leash_decision *d)
+{
+	struct leash_config *cfg = leash_cfg();
+
+	if (!cfg)
+		return -EPERM;
+	d->agent = agent;
+	d->generation = cfg->generation;
+	d->denied = 1;
+	return leash_finish(d, cfg);
+}
+
+/*
  * Refuse what a governed agent may not do whatever the policy says, in
  * audit mode too; `path` (a kernel string, or NULL) names the object.
  */
 static __always_inline int leash_refuse(__u32 agent, __u16 reason, __u32 target, const char *path)
 {
-	struct leash_decision d = {};
-	struct leash_config *cfg = leash_cfg();
+	struct leash_decision d = {
+		.action = LEASH_ACT_SELF, .reason = reason, .target = target, .path = path, .always = 1,
+	};
 
-	if (!cfg)
-		return -EPERM;
-	d.agent = agent;
-	d.generation = cfg->generation;
-	d.action = LEASH_ACT_SELF;
-	d.reason = reason;
-	d.target = target;
-	d.path = path;
-	d.denied = 1;
-	d.always = 1;
-	return leash_finish(&d, cfg);
+	return leash_deny(agent, &d);
 }
 
 /* --------------------------------------------------------- path decisions */

@@ -134,22 +134,11 @@ SEC("lsm/file_mprotect")
 int BPF_PROG(leash_file_mprotect, struct vm_area_struct *vma, unsigned long reqprot,
 	     unsigned long prot)
 {
-	struct leash_decision d = {};
-	struct leash_config *cfg;
+	struct leash_decision d = { .action = LEASH_ACT_SELF, .reason = LEASH_WHY_MPROTECT };
 	__u32 agent;
 
 	if (!(prot & PROT_EXEC) || !vma->vm_file || (vma->vm_flags & VM_EXEC))
 		return 0;
 	agent = leash_loader_agent();
-	if (!agent)
-		return 0;
-	cfg = leash_cfg();
-	if (!cfg)
-		return -EPERM;
-	d.agent = agent;
-	d.generation = cfg->generation;
-	d.action = LEASH_ACT_SELF;
-	d.reason = LEASH_WHY_MPROTECT;
-	d.denied = 1;
-	return leash_finish(&d, cfg);
+	return agent ? leash_deny(agent, &d) : 0;
 }

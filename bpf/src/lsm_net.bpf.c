@@ -101,8 +101,9 @@ int BPF_PROG(leash_socket_sendmsg, struct socket *sock, struct msghdr *msg, int 
 SEC("lsm/socket_create")
 int BPF_PROG(leash_socket_create, int family, int type, int protocol, int kern)
 {
-	struct leash_decision d = {};
-	struct leash_config *cfg;
+	struct leash_decision d = {
+		.action = LEASH_ACT_CONNECT, .reason = LEASH_WHY_SOCKET, .target = family, .proto = protocol,
+	};
 	__u32 agent;
 
 	if (kern)
@@ -113,19 +114,7 @@ int BPF_PROG(leash_socket_create, int family, int type, int protocol, int kern)
 	if ((family == AF_INET || family == AF_INET6) && type != SOCK_RAW && type != SOCK_PACKET)
 		return 0;
 	agent = leash_agent();
-	if (!agent)
-		return 0;
-	cfg = leash_cfg();
-	if (!cfg)
-		return -EPERM;
-	d.agent = agent;
-	d.generation = cfg->generation;
-	d.action = LEASH_ACT_CONNECT;
-	d.reason = LEASH_WHY_SOCKET;
-	d.target = family;
-	d.proto = protocol;
-	d.denied = 1;
-	return leash_finish(&d, cfg);
+	return agent ? leash_deny(agent, &d) : 0;
 }
 
 /*
